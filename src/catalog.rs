@@ -1,0 +1,240 @@
+//! Creating events: the validation of an event draft (from `admin.events.create`,
+//! `ticket-api events import` or the demo seed) and its creation in storage and inventory.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use crate::core::{
+    Currency, Event, EventId, Money, Rule, TicketType, TicketTypeId, Timestamp, MAX_COUNT,
+};
+
+/// Limits on what one event may hold.
+pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_TICKET_TYPE_NAME_CHARS: usize = 100;
+pub const MAX_TICKET_TYPES: usize = 50;
+/// A price above ten billion in major units is a typo, not a ticket.
+pub const MAX_PRICE: i64 = 1_000_000_000_000;
+
+/// The params of `admin.events.create`, as a client sends them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EventDraft {
+    pub name: String,
+    pub starts_at: String,
+    #[serde(default)]
+    pub venue: Option<String>,
+    pub ticket_types: Vec<TicketTypeDraft>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TicketTypeDraft {
+    pub name: String,
+    pub price: MoneyDraft,
+    pub capacity: u32,
+    pub rule: RuleDraft,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MoneyDraft {
+    pub amount: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuleDraft {
+    Any,
+    Multiple { of: u32 },
+    Altogether,
+    AvoidOne,
+}
+
+/// A draft field that is not acceptable, named as on the wire (`ticket_types[1].capacity`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn refuse<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+/// A name: trimmed, not blank, at most `max` characters.
+fn name(field: &str, text: &str, max: usize) -> Result<String, FieldError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return refuse(field, "must not be blank");
+    }
+    if trimmed.chars().count() > max {
+        return refuse(field, format!("at most {max} characters"));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return refuse(field, "must not contain control characters");
+    }
+    Ok(trimmed.to_owned())
+}
+
+impl EventDraft {
+    /// Checks every field and gives the event and its ticket types fresh ids.
+    pub fn validate(&self) -> Result<Event, FieldError> {
+        let id = EventId::new();
+        let event_name = name("name", &self.name, MAX_NAME_CHARS)?;
+        let Some(starts_at) = Timestamp::parse_rfc3339(&self.starts_at) else {
+            return refuse(
+                "starts_at",
+                "must be an RFC 3339 time such as 2027-05-01T19:30:00Z",
+            );
+        };
+        let venue = match &self.venue {
+            None => None,
+            Some(venue) => Some(name("venue", venue, MAX_NAME_CHARS)?),
+        };
+        if self.ticket_types.is_empty() {
+            return refuse("ticket_types", "at least one ticket type");
+        }
+        if self.ticket_types.len() > MAX_TICKET_TYPES {
+            return refuse(
+                "ticket_types",
+                format!("at most {MAX_TICKET_TYPES} ticket types"),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut currency: Option<Currency> = None;
+        let mut ticket_types = Vec::with_capacity(self.ticket_types.len());
+        for (i, draft) in self.ticket_types.iter().enumerate() {
+            let at = |field: &str| format!("ticket_types[{i}].{field}");
+            let tt_name = name(&at("name"), &draft.name, MAX_TICKET_TYPE_NAME_CHARS)?;
+            if !names.insert(tt_name.to_lowercase()) {
+                return refuse(
+                    at("name"),
+                    "ticket type names must be unique within the event",
+                );
+            }
+            let Some(this_currency) = Currency::parse(&draft.price.currency) else {
+                return refuse(at("price.currency"), "must be an ISO 4217 code such as EUR");
+            };
+            if currency.is_some_and(|c| c != this_currency) {
+                return refuse(
+                    at("price.currency"),
+                    "all ticket types of an event share one currency",
+                );
+            }
+            currency = Some(this_currency);
+            if !(0..=MAX_PRICE).contains(&draft.price.amount) {
+                return refuse(
+                    at("price.amount"),
+                    format!("an integer from 0 to {MAX_PRICE} (minor units)"),
+                );
+            }
+            if !(1..=MAX_COUNT).contains(&draft.capacity) {
+                return refuse(at("capacity"), format!("an integer from 1 to {MAX_COUNT}"));
+            }
+            let rule = match draft.rule {
+                RuleDraft::Any => Rule::Any,
+                RuleDraft::Altogether => Rule::Altogether,
+                RuleDraft::AvoidOne => Rule::AvoidOne,
+                RuleDraft::Multiple { of } => {
+                    match Rule::multiple(of).filter(|_| of <= MAX_COUNT) {
+                        Some(rule) => rule,
+                        None => return refuse(at("rule.of"), "an integer of at least 2"),
+                    }
+                }
+            };
+            ticket_types.push(TicketType {
+                id: TicketTypeId::new(),
+                event_id: id,
+                name: tt_name,
+                price: Money::new(draft.price.amount, this_currency),
+                capacity: draft.capacity,
+                rule,
+            });
+        }
+        Ok(Event {
+            id,
+            name: event_name,
+            starts_at,
+            venue,
+            ticket_types,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn draft(ticket_types: serde_json::Value) -> EventDraft {
+        serde_json::from_value(json!({
+            "name": "  Concert ", "starts_at": "2027-05-01T19:30:00+02:00", "ticket_types": ticket_types
+        }))
+        .unwrap()
+    }
+
+    fn field_of(ticket_types: serde_json::Value) -> String {
+        draft(ticket_types).validate().unwrap_err().field
+    }
+
+    #[test]
+    fn a_valid_draft_becomes_an_event() {
+        let event = draft(json!([
+            {"name": "Pair", "price": {"amount": 5000, "currency": "EUR"}, "capacity": 10, "rule": {"kind": "multiple", "of": 2}}
+        ]))
+        .validate()
+        .unwrap();
+        assert_eq!(event.name, "Concert");
+        assert_eq!(event.starts_at.to_rfc3339(), "2027-05-01T17:30:00.000Z");
+        assert_eq!(event.ticket_types[0].rule, Rule::multiple(2).unwrap());
+        assert_eq!(event.ticket_types[0].event_id, event.id);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let tt = |price: serde_json::Value, capacity: u32, rule: serde_json::Value| json!([{"name": "A", "price": price, "capacity": capacity, "rule": rule}]);
+        let eur = json!({"amount": 100, "currency": "EUR"});
+        assert_eq!(field_of(json!([])), "ticket_types");
+        assert_eq!(
+            field_of(tt(eur.clone(), 0, json!({"kind": "any"}))),
+            "ticket_types[0].capacity"
+        );
+        assert_eq!(
+            field_of(tt(
+                json!({"amount": -1, "currency": "EUR"}),
+                1,
+                json!({"kind": "any"})
+            )),
+            "ticket_types[0].price.amount"
+        );
+        assert_eq!(
+            field_of(tt(
+                json!({"amount": 1, "currency": "eur"}),
+                1,
+                json!({"kind": "any"})
+            )),
+            "ticket_types[0].price.currency"
+        );
+        assert_eq!(
+            field_of(tt(eur.clone(), 1, json!({"kind": "multiple", "of": 1}))),
+            "ticket_types[0].rule.of"
+        );
+        let two = json!([
+            {"name": "A", "price": eur, "capacity": 1, "rule": {"kind": "any"}},
+            {"name": "a", "price": {"amount": 1, "currency": "USD"}, "capacity": 1, "rule": {"kind": "any"}}
+        ]);
+        assert_eq!(field_of(two), "ticket_types[1].name");
+    }
+
+    #[test]
+    fn one_event_has_one_currency() {
+        let mixed = json!([
+            {"name": "A", "price": {"amount": 1, "currency": "EUR"}, "capacity": 1, "rule": {"kind": "any"}},
+            {"name": "B", "price": {"amount": 1, "currency": "USD"}, "capacity": 1, "rule": {"kind": "any"}}
+        ]);
+        assert_eq!(field_of(mixed), "ticket_types[1].price.currency");
+    }
+}

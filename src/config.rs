@@ -1,0 +1,262 @@
+//! Configuration: one clap struct, every setting both a flag and an environment variable
+//! (PROTOCOL §9). A bad setting stops the program at start with one line naming it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Realtime ticket-reservation server: JSON-RPC 2.0 over WebSocket, long-poll and HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "ticket-api", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the server (the default when no sub-command is given).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user.
+    Add {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        password: String,
+        /// Give the user the admin role.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Create the events of a JSON file holding an array of `admin.events.create` params.
+    Import { file: PathBuf },
+}
+
+/// Every setting of the server. All are global, so they also apply to sub-commands.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address the HTTP listener binds.
+    #[arg(
+        long,
+        env = "TICKET_API_LISTEN",
+        default_value = "127.0.0.1:4000",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// `postgres://…` for PostgreSQL or `sqlite:…` for a SQLite file; default: an embedded
+    /// SQLite file in the data folder.
+    #[arg(long, env = "DATABASE_URL", value_parser = DatabaseUrl::parse, global = true)]
+    pub database_url: Option<DatabaseUrl>,
+
+    /// `redis://…`: expiry through Redis key TTLs and keyspace notifications; default: in-process.
+    #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, global = true)]
+    pub redis_url: Option<String>,
+
+    /// Secret signing the JWTs (HS256), at least 32 bytes; default: generated once and kept in
+    /// the data folder.
+    #[arg(long, env = "TICKET_API_JWT_SECRET", value_parser = parse_jwt_secret, hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+
+    /// How long a pending reservation holds its tickets (`3s`, `90s`, `15m`).
+    #[arg(long, env = "TICKET_API_RESERVATION_TTL", default_value = "15m", value_parser = parse_positive_duration, global = true)]
+    pub reservation_ttl: Duration,
+
+    /// Seed demo events into an empty database.
+    #[arg(long, env = "TICKET_API_DEMO", global = true)]
+    pub demo: bool,
+
+    /// Folder of the embedded database and the generated JWT secret.
+    #[arg(
+        long,
+        env = "TICKET_API_DATA_DIR",
+        default_value = "data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// How long an issued token stays valid.
+    #[arg(long, env = "TICKET_API_TOKEN_TTL", default_value = "24h", value_parser = parse_positive_duration, global = true)]
+    pub token_ttl: Duration,
+
+    /// Log format.
+    #[arg(long, env = "TICKET_API_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Most WebSocket connections open at once; an upgrade over it answers 503.
+    #[arg(long, env = "TICKET_API_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_connections: u32,
+
+    /// Calls per second allowed on one connection or session (each batch entry counts).
+    #[arg(long, env = "TICKET_API_RATE_LIMIT", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub rate_limit: u32,
+
+    /// Calls a connection may make in a burst above the steady rate.
+    #[arg(long, env = "TICKET_API_RATE_BURST", default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub rate_burst: u32,
+
+    /// Largest message accepted, in bytes (WebSocket close 1009, HTTP 413 above it).
+    #[arg(long, env = "TICKET_API_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1024..), global = true)]
+    pub max_message_bytes: u32,
+
+    /// Most entries in one batch.
+    #[arg(long, env = "TICKET_API_MAX_BATCH", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_batch: u32,
+
+    /// Long-poll: how long a GET waits for notifications.
+    #[arg(long, env = "TICKET_API_POLL_TIMEOUT", default_value = "25s", value_parser = parse_positive_duration, global = true)]
+    pub poll_timeout: Duration,
+
+    /// Long-poll: a session expires this long after its last request.
+    #[arg(long, env = "TICKET_API_SESSION_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration, global = true)]
+    pub session_timeout: Duration,
+
+    /// Prefix of every Redis key this server writes, so several servers can share one Redis.
+    #[arg(
+        long,
+        env = "TICKET_API_REDIS_PREFIX",
+        default_value = "ticket-api:",
+        global = true
+    )]
+    pub redis_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the data lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Postgres(String),
+    Sqlite(String),
+}
+
+impl DatabaseUrl {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Ok(Self::Postgres(text.to_owned()))
+        } else if text.starts_with("sqlite:") {
+            Ok(Self::Sqlite(text.to_owned()))
+        } else {
+            Err("expected a postgres://… or sqlite:… URL".to_owned())
+        }
+    }
+
+    /// The embedded default: a SQLite file in the data folder, created when missing.
+    pub fn embedded(data_dir: &std::path::Path) -> Self {
+        let path = data_dir.join("ticket-api.db");
+        Self::Sqlite(format!("sqlite://{}?mode=rwc", path.display()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Postgres(url) | Self::Sqlite(url) => url,
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
+
+/// Never prints the URL itself: it may carry a password.
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Postgres(_) => f.write_str("postgres://…"),
+            Self::Sqlite(url) => write!(f, "{url}"),
+        }
+    }
+}
+
+fn parse_redis_url(text: &str) -> Result<String, String> {
+    if text.starts_with("redis://") || text.starts_with("rediss://") {
+        Ok(text.to_owned())
+    } else {
+        Err("expected a redis://… URL".to_owned())
+    }
+}
+
+fn parse_jwt_secret(text: &str) -> Result<String, String> {
+    if text.len() < 32 {
+        return Err("must be at least 32 bytes".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 3s, 90s, 15m)"))?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+impl Settings {
+    /// The database to use: the configured one, or the embedded SQLite file.
+    pub fn database(&self) -> DatabaseUrl {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| DatabaseUrl::embedded(&self.data_dir))
+    }
+
+    /// Settings for tests and embedders: every default, no database or Redis chosen.
+    pub fn defaults() -> Self {
+        Cli::parse_from(["ticket-api"]).settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ticket-api").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn database_url_must_be_postgres_or_sqlite() {
+        let err = parse(&["--database-url", "mysql://x"]).unwrap_err();
+        assert!(err.to_string().contains("--database-url"), "{err}");
+        assert!(parse(&["--database-url", "sqlite::memory:"]).is_ok());
+        assert!(parse(&["--database-url", "postgres://postgres@127.0.0.1/test"]).is_ok());
+    }
+
+    #[test]
+    fn reservation_ttl_accepts_human_durations() {
+        let cli = parse(&["--reservation-ttl", "90s"]).unwrap();
+        assert_eq!(cli.settings.reservation_ttl, Duration::from_secs(90));
+        assert!(parse(&["--reservation-ttl", "soon"]).is_err());
+        assert!(parse(&["--reservation-ttl", "0s"]).is_err());
+    }
+
+    #[test]
+    fn settings_apply_to_sub_commands_too() {
+        let cli = parse(&["migrate", "--database-url", "sqlite::memory:"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Migrate)));
+        assert_eq!(cli.settings.database().as_str(), "sqlite::memory:");
+    }
+}

@@ -1,0 +1,64 @@
+//! The `ticket-api` binary: parse the settings, set up logging, run the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ticket_api::config::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return settings_error(error),
+    };
+    init_tracing(cli.settings.log_format);
+    raise_file_limit();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let command = cli.command.unwrap_or(Command::Serve);
+    match runtime.block_on(ticket_api::cli::run(command, cli.settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ticket-api: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go to stdout with success; a bad setting is one line and exit code 2.
+fn settings_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = error.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = error.render().to_string();
+    let line = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid settings");
+    eprintln!("ticket-api: {}", line.trim_start_matches("error: "));
+    ExitCode::from(2)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Each connection is a file descriptor: use all the system allows.
+fn raise_file_limit() {
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%error, "could not raise the open-file limit");
+    }
+}

@@ -1,0 +1,124 @@
+//! Prometheus metrics served at `GET /metrics`: open connections, calls by method and
+//! outcome, call latency, and the writer's batches.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: &'static str,
+}
+
+type LatencyFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+/// All metrics of the process. Cheap to update from any task.
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<TransportLabels, Gauge>,
+    calls: Family<CallLabels, Counter>,
+    latency: LatencyFamily,
+    batch_size: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ticket_api");
+        let connections = Family::<TransportLabels, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Open WebSocket connections and long-poll sessions",
+            connections.clone(),
+        );
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "calls",
+            "JSON-RPC calls by method and outcome",
+            calls.clone(),
+        );
+        let latency: LatencyFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20)));
+        registry.register(
+            "call_duration_seconds",
+            "Time from a call's parse to its result",
+            latency.clone(),
+        );
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "writer_batch_size",
+            "Changes committed per write-behind transaction",
+            batch_size.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            calls,
+            latency,
+            batch_size,
+        }
+    }
+
+    /// Counts one call; `method` must come from the method table (or be a fixed label),
+    /// so a client cannot grow the label set.
+    pub fn record_call(
+        &self,
+        method: &'static str,
+        outcome: &'static str,
+        elapsed: Option<Duration>,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels { method, outcome })
+            .inc();
+        if let Some(elapsed) = elapsed {
+            self.latency
+                .get_or_create(&MethodLabels { method })
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    pub fn connection_opened(&self, transport: &'static str) {
+        self.connections
+            .get_or_create(&TransportLabels { transport })
+            .inc();
+    }
+
+    pub fn connection_closed(&self, transport: &'static str) {
+        self.connections
+            .get_or_create(&TransportLabels { transport })
+            .dec();
+    }
+
+    pub fn record_batch(&self, changes: usize) {
+        self.batch_size.observe(changes as f64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}

@@ -1,0 +1,190 @@
+//! The one error type of every method, and its one mapping to a JSON-RPC error object
+//! (PROTOCOL §8). Internal errors are logged with their cause and answered opaquely.
+
+use serde_json::json;
+
+use super::wire::{ErrorObject, INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND};
+use crate::core::{Rule, TicketTypeId};
+
+/// Why the credentials of a call are not usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Invalid,
+    Expired,
+}
+
+impl AuthFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Invalid => "invalid",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// Everything a method can answer instead of a result.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("method not found")]
+    MethodNotFound,
+    #[error("invalid params: {field}: {message}")]
+    InvalidParams { field: String, message: String },
+    #[error("not authenticated ({0:?})")]
+    Unauthenticated(AuthFailure),
+    #[error("invalid email or password")]
+    InvalidCredentials,
+    #[error("forbidden")]
+    Forbidden,
+    #[error("not found")]
+    NotFound,
+    #[error("email already registered")]
+    EmailTaken,
+    #[error("not enough tickets")]
+    InsufficientTickets {
+        ticket_type_id: TicketTypeId,
+        available: u32,
+    },
+    #[error("the selling rule forbids this quantity")]
+    RuleViolation {
+        ticket_type_id: TicketTypeId,
+        rule: Rule,
+    },
+    #[error("reservation expired")]
+    ReservationExpired,
+    #[error("reservation is not pending")]
+    ReservationNotPending,
+    #[error("idempotency key reused with other params")]
+    IdempotencyConflict,
+    #[error("payment declined")]
+    PaymentDeclined,
+    #[error("payment provider unavailable")]
+    PaymentUnavailable,
+    #[error("rate limited")]
+    RateLimited { retry_after_ms: u64 },
+    #[error("service unavailable")]
+    Unavailable,
+    #[error("not supported on this transport")]
+    TransportUnsupported,
+    /// A bug or an unexpected failure; the cause is logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RpcError {
+    pub fn invalid_params(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidParams {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        Self::Internal(cause.to_string())
+    }
+
+    /// The stable `data.reason` (or `None` for the standard errors without one).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MethodNotFound => "METHOD_NOT_FOUND",
+            Self::InvalidParams { .. } => "INVALID_PARAMS",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::InvalidCredentials => "INVALID_CREDENTIALS",
+            Self::Forbidden => "FORBIDDEN",
+            Self::NotFound => "NOT_FOUND",
+            Self::EmailTaken => "EMAIL_TAKEN",
+            Self::InsufficientTickets { .. } => "INSUFFICIENT_TICKETS",
+            Self::RuleViolation { .. } => "RULE_VIOLATION",
+            Self::ReservationExpired => "RESERVATION_EXPIRED",
+            Self::ReservationNotPending => "RESERVATION_NOT_PENDING",
+            Self::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
+            Self::PaymentDeclined => "PAYMENT_DECLINED",
+            Self::PaymentUnavailable => "PAYMENT_UNAVAILABLE",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::TransportUnsupported => "TRANSPORT_UNSUPPORTED",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The wire form. The only place errors become JSON.
+    pub fn to_error_object(&self) -> ErrorObject {
+        let reason = self.reason();
+        let data = match self {
+            Self::MethodNotFound | Self::Internal(_) => None,
+            Self::InvalidParams { field, .. } => Some(json!({"reason": reason, "field": field})),
+            Self::Unauthenticated(why) => {
+                Some(json!({"reason": reason, "reason_detail": why.as_str()}))
+            }
+            Self::InsufficientTickets {
+                ticket_type_id,
+                available,
+            } => Some(json!({
+                "reason": reason,
+                "ticket_type_id": ticket_type_id.to_string(),
+                "available": available,
+            })),
+            Self::RuleViolation {
+                ticket_type_id,
+                rule,
+            } => Some(json!({
+                "reason": reason,
+                "ticket_type_id": ticket_type_id.to_string(),
+                "rule": super::types::rule_json(rule),
+            })),
+            Self::RateLimited { retry_after_ms } => {
+                Some(json!({"reason": reason, "retry_after_ms": retry_after_ms}))
+            }
+            _ => Some(json!({"reason": reason})),
+        };
+        let message = match self {
+            Self::MethodNotFound => "Method not found".to_owned(),
+            Self::Internal(_) => "Internal error".to_owned(),
+            other => other.to_string(),
+        };
+        ErrorObject {
+            code: self.code(),
+            message,
+            data,
+        }
+    }
+
+    fn code(&self) -> i64 {
+        match self {
+            Self::MethodNotFound => METHOD_NOT_FOUND,
+            Self::InvalidParams { .. } => INVALID_PARAMS,
+            Self::Internal(_) => INTERNAL_ERROR,
+            Self::Unauthenticated(_) => 1001,
+            Self::InvalidCredentials => 1002,
+            Self::Forbidden => 1003,
+            Self::NotFound => 1004,
+            Self::EmailTaken => 1005,
+            Self::InsufficientTickets { .. } => 2001,
+            Self::RuleViolation { .. } => 2002,
+            Self::ReservationExpired => 2003,
+            Self::ReservationNotPending => 2004,
+            Self::IdempotencyConflict => 2005,
+            Self::PaymentDeclined => 3001,
+            Self::PaymentUnavailable => 3002,
+            Self::RateLimited { .. } => 4001,
+            Self::Unavailable => 4002,
+            Self::TransportUnsupported => 4003,
+        }
+    }
+}
+
+/// Storage failures: a corrupt row is a bug (internal); anything else means the database
+/// cannot serve now, and nothing was changed.
+impl From<crate::store::StoreError> for RpcError {
+    fn from(error: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match error {
+            StoreError::Corrupt { .. } | StoreError::Duplicate(_) => RpcError::internal(error),
+            StoreError::Database(cause) => {
+                tracing::error!(%cause, "storage failed");
+                RpcError::Unavailable
+            }
+        }
+    }
+}

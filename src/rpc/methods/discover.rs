@@ -1,0 +1,15 @@
+//! `rpc.discover`: the OpenRPC document of the contract.
+
+use serde_json::Value;
+
+use super::NoParams;
+use crate::rpc::dispatch::{Ctx, Methods};
+use crate::rpc::RpcError;
+
+pub fn register(methods: &mut Methods) {
+    methods.register("rpc.discover", discover);
+}
+
+async fn discover(ctx: Ctx, _: NoParams) -> Result<Value, RpcError> {
+    Ok(ctx.app.openrpc.clone())
+}

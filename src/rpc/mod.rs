@@ -1,0 +1,14 @@
+//! JSON-RPC 2.0: wire types, the one error mapping, the call context, the method table and
+//! its dispatch, and the methods of every domain module. Transports only frame messages
+//! and hand them to [`dispatch::Dispatcher::handle_message`].
+
+pub mod dispatch;
+pub mod error;
+pub mod methods;
+pub mod session;
+pub mod types;
+pub mod wire;
+
+pub use dispatch::{Ctx, Dispatcher};
+pub use error::{AuthFailure, RpcError};
+pub use session::{Principal, Session, Transport};

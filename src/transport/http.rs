@@ -1,0 +1,79 @@
+//! `POST /rpc` (one-shot JSON-RPC), `GET /health`, `GET /metrics` and `GET /` (the web client).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use serde_json::json;
+
+use crate::app::App;
+use crate::rpc::methods::auth::verify_token;
+use crate::rpc::{AuthFailure, Ctx, RpcError, Session, Transport};
+
+/// The bundled web client.
+const INDEX_HTML: &str = include_str!("../web/index.html");
+
+/// One message in, its response out: 200 with JSON, or 204 when nothing is owed. A body
+/// over the size limit never gets here: the body limit layer answers 413.
+pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let session = Arc::new(Session::new(Transport::Http, None));
+    match super::bearer_token(&headers) {
+        None => {}
+        Some(Err(())) => session.refuse(AuthFailure::Invalid),
+        Some(Ok(token)) => match verify_token(&app, token).await {
+            Ok(principal) => session.bind(principal),
+            Err(RpcError::Unauthenticated(why)) => session.refuse(why),
+            // The database could not be asked: calls needing a user fail, others proceed.
+            Err(_) => session.refuse(AuthFailure::Invalid),
+        },
+    }
+    // Not UTF-8 cannot be JSON: answered as a parse error by the dispatcher.
+    let text = String::from_utf8_lossy(&body);
+    let ctx = Ctx {
+        app: Arc::clone(&app),
+        session,
+    };
+    match app.dispatcher.handle_message(&ctx, &text).await {
+        Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+/// 200 when storage answers, 503 naming the failing part otherwise.
+pub async fn health(State(app): State<Arc<App>>) -> Response {
+    let storage = matches!(
+        tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
+        Ok(Ok(()))
+    );
+    let expiry = true;
+    let status = if storage && expiry { "ok" } else { "degraded" };
+    let part = |ok: bool| if ok { "ok" } else { "down" };
+    let code = if storage && expiry {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(json!({"status": status, "storage": part(storage), "expiry": part(expiry)})),
+    )
+        .into_response()
+}
+
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
