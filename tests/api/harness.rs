@@ -1,0 +1,381 @@
+//! `spawn_app`: the real server on port 0, on SQLite or on a fresh PostgreSQL database,
+//! and typed clients that speak to it over real WebSocket and HTTP.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sqlx::Connection;
+use ticket_api::app::App;
+use ticket_api::config::{DatabaseUrl, Settings};
+use ticket_api::core::{Role, User, UserId};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret!";
+const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A running server and what a test needs to reach it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    pub http: reqwest::Client,
+    server: Option<tokio::task::JoinHandle<()>>,
+    _data_dir: tempfile::TempDir,
+}
+
+/// Whether tests must fail, rather than skip, when PostgreSQL or Redis is missing.
+fn services_required() -> bool {
+    std::env::var("TICKET_API_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+static NEXT_DB: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh PostgreSQL database for one test, or `None` (loudly) when there is no server.
+async fn create_postgres_database() -> Option<(String, String)> {
+    let mut admin = match sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
+        Ok(conn) => conn,
+        Err(error) => {
+            if services_required() {
+                panic!("PostgreSQL is required (TICKET_API_REQUIRE_SERVICES=1) but unreachable: {error}");
+            }
+            eprintln!("\n*** SKIPPED: PostgreSQL at 127.0.0.1:5432 is unreachable ({error}) ***\n");
+            return None;
+        }
+    };
+    let name = format!(
+        "ticket_api_test_{}_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::Relaxed),
+        rand_suffix()
+    );
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    Some((
+        name.clone(),
+        format!("postgres://postgres@127.0.0.1:5432/{name}"),
+    ))
+}
+
+async fn drop_postgres_database(name: &str) {
+    if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+/// Settings for a test server; `tweak` adjusts them before start.
+pub fn test_settings(data_dir: &std::path::Path) -> Settings {
+    let mut settings = Settings::defaults();
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.data_dir = data_dir.to_path_buf();
+    settings.jwt_secret = Some(JWT_SECRET.to_owned());
+    settings.database_url = None;
+    settings.redis_url = None;
+    settings.demo = false;
+    settings
+}
+
+/// Runs `test` against a fresh server on `backend`, then shuts the server down and drops
+/// its database, whether the test passed or not.
+pub async fn with_app<F, Fut>(backend: Backend, tweak: impl FnOnce(&mut Settings), test: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(data_dir.path());
+    let mut pg_name = None;
+    match backend {
+        Backend::Sqlite => {}
+        Backend::Postgres => match create_postgres_database().await {
+            Some((name, url)) => {
+                settings.database_url = Some(DatabaseUrl::Postgres(url));
+                pg_name = Some(name);
+            }
+            None => return,
+        },
+    }
+    tweak(&mut settings);
+    let mut app = spawn_app(settings, data_dir).await;
+    let server = app.server.take().expect("a fresh app has its server");
+    let shutdown = app.app.shutdown.clone();
+    let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+    if let Some(name) = pg_name {
+        drop_postgres_database(&name).await;
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+pub async fn spawn_app(settings: Settings, data_dir: tempfile::TempDir) -> TestApp {
+    let listener = ticket_api::server::bind(settings.listen).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = App::start(settings).await.expect("app starts");
+    let server = tokio::spawn({
+        let app = Arc::clone(&app);
+        async move {
+            ticket_api::server::run(listener, app).await.unwrap();
+        }
+    });
+    TestApp {
+        addr,
+        app,
+        http: reqwest::Client::new(),
+        server: Some(server),
+        _data_dir: data_dir,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs a raw body to `/rpc`; returns the status and the parsed body (Null when empty).
+    pub async fn post_rpc_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(self.url("/rpc"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        // Not every answer is JSON (a 413 is plain text): keep such a body as a string.
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, body)
+    }
+
+    /// One call over `/rpc`; returns the whole response object.
+    pub async fn rpc(&self, method: &str, params: Value, token: Option<&str>) -> Value {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let (status, response) = self.post_rpc_raw(body.to_string(), token).await;
+        assert_eq!(status, 200, "{response}");
+        response
+    }
+
+    pub async fn ws(&self) -> WsClient {
+        WsClient::connect(&format!("ws://{}/ws", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// Creates a user directly in storage (for admins, which cannot register).
+    pub async fn create_user(&self, email: &str, password: &str, role: Role) -> User {
+        let user = User {
+            id: UserId::new(),
+            email: email.to_owned(),
+            role,
+        };
+        let hash = self.app.passwords.hash(password.to_owned()).await.unwrap();
+        self.app
+            .store
+            .insert_user(&user, &hash, self.app.clock.now())
+            .await
+            .unwrap();
+        user
+    }
+
+    /// An admin's token.
+    pub async fn admin_token(&self) -> String {
+        let email = format!("admin-{}@example.com", UserId::new());
+        self.create_user(&email, "admin-password", Role::Admin)
+            .await;
+        let response = self
+            .rpc(
+                "auth.login",
+                json!({"email": email, "password": "admin-password"}),
+                None,
+            )
+            .await;
+        response["result"]["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers a new customer and returns their token.
+    pub async fn customer_token(&self) -> String {
+        let email = format!("buyer-{}@example.com", UserId::new());
+        let response = self
+            .rpc(
+                "auth.register",
+                json!({"email": email, "password": "buyer-password"}),
+                None,
+            )
+            .await;
+        response["result"]["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates an event through `admin.events.create` and returns it.
+    pub async fn create_event(&self, admin_token: &str, params: Value) -> Value {
+        let response = self
+            .rpc("admin.events.create", params, Some(admin_token))
+            .await;
+        assert!(response["error"].is_null(), "{response}");
+        response["result"].clone()
+    }
+}
+
+/// Event params with one ticket type of the given capacity and rule.
+pub fn event_params(name: &str, capacity: u32, rule: Value) -> Value {
+    json!({
+        "name": name,
+        "starts_at": "2027-05-01T19:30:00Z",
+        "venue": "Test Hall",
+        "ticket_types": [{"name": "Standard", "price": {"amount": 2500, "currency": "EUR"}, "capacity": capacity, "rule": rule}]
+    })
+}
+
+/// A JSON-RPC client over a real WebSocket.
+pub struct WsClient {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    /// Notifications that arrived while waiting for a response.
+    pub notifications: Vec<Value>,
+}
+
+/// How a WebSocket conversation ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// A close frame with this code.
+    Code(u16),
+    /// The connection ended without a close frame.
+    Abruptly,
+}
+
+const WS_WAIT: Duration = Duration::from_secs(10);
+
+impl WsClient {
+    pub async fn connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let (socket, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Self {
+            socket,
+            next_id: 1,
+            notifications: Vec::new(),
+        })
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.socket.send(Message::text(text.into())).await.unwrap();
+    }
+
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.socket.send(Message::binary(bytes)).await.unwrap();
+    }
+
+    /// The next text message, or how the connection ended.
+    pub async fn next_text(&mut self) -> Result<Value, Closed> {
+        loop {
+            let frame = tokio::time::timeout(WS_WAIT, self.socket.next())
+                .await
+                .expect("no message from the server within 10 s");
+            match frame {
+                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Err(Closed::Code(u16::from(frame.code)))
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return Err(Closed::Code(u16::from(CloseCode::Status)))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(Closed::Abruptly),
+            }
+        }
+    }
+
+    /// Waits for the response with this id, keeping notifications aside.
+    pub async fn response(&mut self, id: &Value) -> Value {
+        loop {
+            let message = self
+                .next_text()
+                .await
+                .expect("connection closed while waiting for a response");
+            if message.get("id") == Some(id) && message.get("method").is_none() {
+                return message;
+            }
+            self.notifications.push(message);
+        }
+    }
+
+    /// One call; returns the whole response object.
+    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = json!(self.next_id);
+        self.next_id += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.send_text(request.to_string()).await;
+        self.response(&id).await
+    }
+
+    /// One call that must succeed; returns its result.
+    pub async fn ok(&mut self, method: &str, params: Value) -> Value {
+        let response = self.call(method, params).await;
+        assert!(response["error"].is_null(), "{method} failed: {response}");
+        response["result"].clone()
+    }
+}
+
+/// The `data.reason` of an error response.
+pub fn reason(response: &Value) -> &str {
+    response["error"]["data"]["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an application error: {response}"))
+}
+
+/// Defines each test twice: `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($( $(#[$meta:meta])* async fn $name:ident($app:ident) $body:block )*) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $(#[$meta])* #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::harness::with_app($crate::harness::Backend::Sqlite, |_| {}, |$app| async move $body).await;
+            } )*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $(#[$meta])* #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::harness::with_app($crate::harness::Backend::Postgres, |_| {}, |$app| async move $body).await;
+            } )*
+        }
+    };
+}

@@ -1,0 +1,12 @@
+//! Integration tests: the real server on port 0, spoken to over real WebSocket and HTTP,
+//! against SQLite and against a fresh PostgreSQL database per test.
+
+mod harness;
+
+mod auth;
+mod catalog;
+mod cli;
+mod jsonrpc;
+mod limits;
+mod malformed;
+mod openrpc;
