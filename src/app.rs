@@ -1,11 +1,13 @@
 //! Wiring: builds the application from the settings. The only place that knows which
-//! concrete storage, expiry and payment implementations are in use.
+//! concrete storage, expiry, payment and notification implementations are in use.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -13,23 +15,37 @@ use crate::auth::{Passwords, Tokens};
 use crate::catalog::{EventDraft, FieldError};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
-use crate::core::{Clock, Event, SystemClock};
+use crate::core::{Clock, Event, ReservationId, SystemClock};
+use crate::engine::expiry::{TimerExpiry, DUE_CAPACITY};
+use crate::engine::notify::Silent;
+use crate::engine::payments::TestPayments;
+use crate::engine::{Engine, EngineParts};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::methods;
+use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
 
 /// The machine-readable contract, served by `rpc.discover`.
 pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
 
+/// How often the sweeper looks for overdue pending reservations that no expiry source
+/// delivered.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often idempotency keys past their 24 hours are deleted.
+const FORGET_KEYS_EVERY: Duration = Duration::from_secs(3600);
+/// Expiries committed at once; they share the writer's batches.
+const CONCURRENT_EXPIRIES: usize = 256;
+
 /// Everything a call may need. Shared by every connection behind an `Arc`.
 pub struct App {
     pub settings: Settings,
     pub store: Store,
-    pub inventory: Inventory,
+    pub inventory: Arc<Inventory>,
+    pub engine: Engine,
     pub tokens: Tokens,
     pub passwords: Passwords,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     pub dispatcher: Dispatcher,
     /// Caps open WebSocket connections.
@@ -39,6 +55,12 @@ pub struct App {
     /// Connection tasks, so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub openrpc: Value,
+    /// Expiry, sweeper and clean-up tasks, stopped after the connections.
+    background: TaskTracker,
+    stop_background: CancellationToken,
+    /// The writer runs until the very end, so every queued change is committed.
+    stop_writer: CancellationToken,
+    writer_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Why the application could not start.
@@ -65,41 +87,93 @@ pub enum CreateEventError {
 }
 
 impl App {
-    /// Connects storage, migrates, loads the catalog and (with `--demo`) seeds it.
+    /// Connects storage, migrates, recovers the inventory and pending reservations, starts
+    /// the writer and expiry, and (with `--demo`) seeds the catalog.
     pub async fn start(settings: Settings) -> Result<Arc<App>, StartError> {
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
         let secret = jwt_secret(&settings)?;
-        let tokens = Tokens::new(secret.as_bytes(), settings.token_ttl);
-        let limits = Limits {
-            max_batch: settings.max_batch as usize,
-        };
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let metrics = Arc::new(Metrics::new());
+        let stop_writer = CancellationToken::new();
+        let (writer, writer_task) =
+            Writer::start(store.clone(), Arc::clone(&metrics), stop_writer.clone());
+        let inventory = Arc::new(Inventory::new());
+        let timer = TimerExpiry::new(Arc::clone(&clock));
+        let engine = Engine::new(EngineParts {
+            inventory: Arc::clone(&inventory),
+            store: store.clone(),
+            writer,
+            expiry: timer.clone(),
+            payments: Arc::new(TestPayments),
+            notifier: Arc::new(Silent),
+            clock: Arc::clone(&clock),
+            ttl: settings.reservation_ttl,
+        });
         let app = Arc::new(App {
             connection_permits: Arc::new(Semaphore::new(settings.max_connections as usize)),
-            store,
-            inventory: Inventory::new(),
-            tokens,
+            tokens: Tokens::new(secret.as_bytes(), settings.token_ttl),
             passwords: Passwords::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
-            metrics: Metrics::new(),
-            clock: Arc::new(SystemClock),
-            dispatcher: Dispatcher::new(methods::all(), limits),
+            dispatcher: Dispatcher::new(
+                methods::all(),
+                Limits {
+                    max_batch: settings.max_batch as usize,
+                },
+            ),
+            openrpc: serde_json::from_str(OPENRPC).expect("protocol/openrpc.json is valid JSON"),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            openrpc: serde_json::from_str(OPENRPC).expect("protocol/openrpc.json is valid JSON"),
+            background: TaskTracker::new(),
+            stop_background: CancellationToken::new(),
+            stop_writer,
+            writer_task: Mutex::new(Some(writer_task)),
+            store,
+            inventory,
+            engine,
+            metrics,
+            clock,
             settings,
         });
-        app.load_catalog().await?;
+        app.recover().await?;
+        let (due_tx, due_rx) = mpsc::channel(DUE_CAPACITY);
+        app.background
+            .spawn(timer.run(due_tx.clone(), app.stop_background.clone()));
+        app.background.spawn(expire_due(Arc::clone(&app), due_rx));
+        app.background.spawn(sweep(Arc::clone(&app), due_tx));
+        app.background.spawn(forget_old_keys(Arc::clone(&app)));
         if app.settings.demo {
             app.seed_demo().await?;
         }
         Ok(app)
     }
 
-    async fn load_catalog(&self) -> Result<(), StoreError> {
+    /// Availability is `capacity − pending − paid`, and every pending reservation goes back
+    /// under expiry with its own `expires_at` (an overdue one is released at once).
+    async fn recover(&self) -> Result<(), StoreError> {
+        let held = self.store.held_per_ticket_type().await?;
         for event in self.store.load_events().await? {
-            let available: Vec<u32> = event.ticket_types.iter().map(|tt| tt.capacity).collect();
+            let available: Vec<u32> = event
+                .ticket_types
+                .iter()
+                .map(|tt| {
+                    let taken = held.get(&tt.id).copied().unwrap_or(0);
+                    if taken > u64::from(tt.capacity) {
+                        tracing::error!(ticket_type = %tt.id, taken, capacity = tt.capacity, "more tickets held than exist");
+                    }
+                    u64::from(tt.capacity).saturating_sub(taken) as u32
+                })
+                .collect();
             self.inventory.insert_event(event, &available);
         }
+        let pending = self.store.pending_reservations().await?;
+        let count = pending.len();
+        for reservation in pending {
+            self.engine.restore(reservation);
+        }
+        tracing::info!(
+            pending = count,
+            "recovered availability and pending reservations"
+        );
         Ok(())
     }
 
@@ -126,6 +200,74 @@ impl App {
         self.inventory.insert_event(event.clone(), &available);
         tracing::info!(event_id = %event.id, name = %event.name, "event created");
         Ok(event)
+    }
+
+    /// The last step of shutdown, after the connections: stops expiry and the sweeper,
+    /// then lets the writer commit everything queued, then closes the database.
+    pub async fn stop(&self) {
+        self.stop_background.cancel();
+        self.background.close();
+        self.background.wait().await;
+        self.stop_writer.cancel();
+        let writer = self
+            .writer_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+        self.store.close().await;
+    }
+}
+
+/// Releases reservations as they fall due, many at once so their commits share batches.
+async fn expire_due(app: Arc<App>, mut due: mpsc::Receiver<ReservationId>) {
+    let permits = Arc::new(Semaphore::new(CONCURRENT_EXPIRIES));
+    loop {
+        let id = tokio::select! {
+            id = due.recv() => match id { Some(id) => id, None => return },
+            () = app.stop_background.cancelled() => return,
+        };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let app = Arc::clone(&app);
+        app.background.clone().spawn(async move {
+            app.engine.expire(id).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Catches what no expiry source delivered (a lost notification, a failed commit).
+async fn sweep(app: Arc<App>, due: mpsc::Sender<ReservationId>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = app.stop_background.cancelled() => return,
+        }
+        for id in app.engine.overdue() {
+            if due.send(id).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn forget_old_keys(app: Arc<App>) {
+    let mut every = tokio::time::interval(FORGET_KEYS_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = app.stop_background.cancelled() => return,
+        }
+        match app.engine.forget_old_keys().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "forgot idempotency keys older than 24 hours"),
+            Err(error) => tracing::warn!(%error, "could not delete old idempotency keys"),
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //!   ([`rpc::Session`]) and one method table that every domain module registers into.
 //! - [`core`]: the domain, free of I/O: catalog, selling rules, inventory and the
 //!   reservation lifecycle.
-//! - [`store`]: PostgreSQL or SQLite through sqlx.
+//! - [`engine`]: the reservation lifecycle over the core, with the write-behind writer and
+//!   the expiry, payment and notification ports.
+//! - [`store`]: PostgreSQL or SQLite through sqlx, and the group-commit writer.
 //! - [`auth`]: Argon2id password hashes and HS256 JWTs.
 //! - [`app`]: the wiring, the only place that knows the concrete implementations.
 //! - [`server`]: routes, binding and graceful shutdown; [`server::run`] takes a bound
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod engine;
 pub mod metrics;
 pub mod rpc;
 pub mod server;

@@ -57,7 +57,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>) -> std::io::Result<()> {
     {
         tracing::warn!("connections still open after the drain timeout; closing anyway");
     }
-    app.store.close().await;
+    app.stop().await;
     tracing::info!("server stopped");
     Ok(())
 }

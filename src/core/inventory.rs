@@ -26,6 +26,7 @@
 //! mutex is released. Two `DashMap` guards at once can deadlock on one shard; with no nesting
 //! there is no lock order to get wrong.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -221,11 +222,19 @@ impl EventState {
     }
 }
 
+/// Where a ticket type lives. Never changes once inserted.
+#[derive(Clone, Copy)]
+struct PoolRef {
+    event_id: EventId,
+    /// Index in `Event::ticket_types` and `Book::pools`.
+    position: usize,
+}
+
 /// The live availability of every event and its active reservations. See the module doc.
 pub struct Inventory {
     events: DashMap<EventId, Arc<EventState>>,
-    /// Which event each ticket type belongs to.
-    ticket_types: DashMap<TicketTypeId, EventId>,
+    /// Where each ticket type lives: its event, and its index there.
+    ticket_types: DashMap<TicketTypeId, PoolRef>,
     /// Which event each active reservation belongs to. Updated after the event's mutex is
     /// released, so for an instant a new reservation may be in its book but not here yet
     /// (and a forgotten one here but not in its book): lookups then answer "not found".
@@ -301,8 +310,9 @@ impl Inventory {
         }
         // The event is findable before its ticket types and its place in the order, so
         // whatever those lead to exists.
-        for ticket_type in &state.event.ticket_types {
-            self.ticket_types.insert(ticket_type.id, event_id);
+        for (position, ticket_type) in state.event.ticket_types.iter().enumerate() {
+            self.ticket_types
+                .insert(ticket_type.id, PoolRef { event_id, position });
         }
         self.order
             .write()
@@ -384,6 +394,10 @@ impl Inventory {
     }
 
     pub fn event_of_ticket_type(&self, id: TicketTypeId) -> Option<EventId> {
+        self.pool_ref(id).map(|pool| pool.event_id)
+    }
+
+    fn pool_ref(&self, id: TicketTypeId) -> Option<PoolRef> {
         self.ticket_types.get(&id).map(|entry| *entry.value())
     }
 
@@ -407,20 +421,16 @@ impl Inventory {
             now,
             ttl,
         } = req;
-        let event_id = self.check_items(&items)?;
+        let mut positions = [0usize; MAX_ITEMS];
+        let event_id = self.check_items(&items, &mut positions)?;
+        let positions = &positions[..items.len()];
         let state = self
             .event_state(event_id)
             .ok_or(ReserveError::UnknownTicketType { index: 0 })?;
 
-        // The catalog is immutable: resolve positions and prices before taking the lock.
-        let mut positions = [0usize; MAX_ITEMS];
+        // The catalog is immutable: read the prices before taking the lock.
         let mut lines = Vec::with_capacity(items.len());
-        for (index, &(ticket_type_id, quantity)) in items.iter().enumerate() {
-            let position = *state
-                .positions
-                .get(&ticket_type_id)
-                .ok_or(ReserveError::UnknownTicketType { index })?;
-            positions[index] = position;
+        for (&(ticket_type_id, quantity), &position) in items.iter().zip(positions) {
             lines.push(ReservationItem {
                 ticket_type_id,
                 quantity,
@@ -428,11 +438,11 @@ impl Inventory {
             });
         }
         let total = total_of(&lines);
-        let positions = &positions[..lines.len()];
 
         let mut pools = Vec::with_capacity(lines.len());
         let reservation = {
-            let mut book = state.lock();
+            let mut guard = state.lock();
+            let book = &mut *guard;
             for (line, &position) in lines.iter().zip(positions) {
                 let rule = state.event.ticket_types[position].rule;
                 rule.check(line.quantity, book.pools[position].available)
@@ -448,16 +458,20 @@ impl Inventory {
                     })?;
             }
             let total = total.ok_or(ReserveError::TotalOverflow)?;
-            assert!(
-                !book.active.contains_key(&id),
-                "reservation {id} is already active"
-            );
+            let slot = match book.active.entry(id) {
+                Entry::Occupied(_) => panic!("reservation {id} is already active"),
+                Entry::Vacant(slot) => slot,
+            };
 
             for (line, &position) in lines.iter().zip(positions) {
                 let counter = &mut book.pools[position];
                 counter.available -= line.quantity;
                 counter.version += 1;
-                pools.push(state.pool_state(&book, position));
+                pools.push(PoolState {
+                    ticket_type_id: line.ticket_type_id,
+                    available: counter.available,
+                    version: counter.version,
+                });
             }
             let reservation = Reservation {
                 id,
@@ -469,21 +483,23 @@ impl Inventory {
                 created_at: now,
                 expires_at: now.saturating_add(ttl),
             };
-            book.active.insert(
-                id,
-                Active {
-                    reservation: reservation.clone(),
-                    phase: Phase::Pending,
-                },
-            );
+            slot.insert(Active {
+                reservation: reservation.clone(),
+                phase: Phase::Pending,
+            });
             reservation
         };
         self.reservations.insert(id, event_id);
         Ok(Reserved { reservation, pools })
     }
 
-    /// The checks of [`reserve`](Self::reserve) that need no lock; returns the event.
-    fn check_items(&self, items: &[(TicketTypeId, u32)]) -> Result<EventId, ReserveError> {
+    /// The checks of [`reserve`](Self::reserve) that need no lock; returns the event, and
+    /// fills `positions[i]` with the index of item `i`'s ticket type in it.
+    fn check_items(
+        &self,
+        items: &[(TicketTypeId, u32)],
+        positions: &mut [usize; MAX_ITEMS],
+    ) -> Result<EventId, ReserveError> {
         if items.is_empty() {
             return Err(ReserveError::NoItems);
         }
@@ -504,12 +520,13 @@ impl Inventory {
             {
                 return Err(ReserveError::DuplicateTicketType { index });
             }
-            let of = self
-                .event_of_ticket_type(ticket_type_id)
+            let pool = self
+                .pool_ref(ticket_type_id)
                 .ok_or(ReserveError::UnknownTicketType { index })?;
-            if *event_id.get_or_insert(of) != of {
+            if *event_id.get_or_insert(pool.event_id) != pool.event_id {
                 return Err(ReserveError::MixedEvents { index });
             }
+            positions[index] = pool.position;
         }
         Ok(event_id.expect("items is not empty"))
     }

@@ -188,3 +188,56 @@ impl From<crate::store::StoreError> for RpcError {
         }
     }
 }
+
+/// The engine's refusals on the wire.
+impl From<crate::engine::EngineError> for RpcError {
+    fn from(error: crate::engine::EngineError) -> Self {
+        use crate::core::inventory::ReserveError as R;
+        use crate::engine::EngineError as E;
+        let item = |index: usize, field: &str| format!("items[{index}].{field}");
+        match error {
+            E::Invalid(invalid) => match invalid {
+                R::NoItems | R::TooManyItems | R::TotalOverflow => {
+                    RpcError::invalid_params("items", invalid.to_string())
+                }
+                R::ZeroQuantity { index } | R::QuantityTooLarge { index } => {
+                    RpcError::invalid_params(
+                        item(index, "quantity"),
+                        "an integer from 1 to 2147483647",
+                    )
+                }
+                R::DuplicateTicketType { index } => RpcError::invalid_params(
+                    item(index, "ticket_type_id"),
+                    "the same ticket type twice",
+                ),
+                R::MixedEvents { index } => RpcError::invalid_params(
+                    item(index, "ticket_type_id"),
+                    "all items must be of one event",
+                ),
+                R::UnknownTicketType { .. } => RpcError::NotFound,
+                R::Insufficient {
+                    ticket_type_id,
+                    available,
+                } => RpcError::InsufficientTickets {
+                    ticket_type_id,
+                    available,
+                },
+                R::RuleViolation {
+                    ticket_type_id,
+                    rule,
+                } => RpcError::RuleViolation {
+                    ticket_type_id,
+                    rule,
+                },
+            },
+            E::NotFound => RpcError::NotFound,
+            E::Expired => RpcError::ReservationExpired,
+            E::NotPending => RpcError::ReservationNotPending,
+            E::IdempotencyConflict => RpcError::IdempotencyConflict,
+            E::PaymentDeclined => RpcError::PaymentDeclined,
+            E::PaymentUnavailable => RpcError::PaymentUnavailable,
+            E::Unavailable => RpcError::Unavailable,
+            E::Internal(cause) => RpcError::Internal(cause),
+        }
+    }
+}

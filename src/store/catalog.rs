@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::{to_i64, to_u32, unique_as, Store, StoreError};
+use super::{id_column, to_i64, to_u32, unique_as, Store, StoreError};
 use crate::core::{Currency, Event, EventId, Money, Rule, TicketType, Timestamp};
 
 impl Store {
@@ -61,7 +61,7 @@ impl Store {
         let mut events = Vec::with_capacity(rows.len());
         let mut index = HashMap::with_capacity(rows.len());
         for row in rows {
-            let id: EventId = parse(&row, "events", "id")?;
+            let id: EventId = id_column(&row, "events", "id")?;
             index.insert(id, events.len());
             events.push(Event {
                 id,
@@ -78,7 +78,7 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         for row in rows {
-            let event_id: EventId = parse(&row, "ticket_types", "event_id")?;
+            let event_id: EventId = id_column(&row, "ticket_types", "event_id")?;
             let Some(&at) = index.get(&event_id) else {
                 return Err(StoreError::corrupt(
                     "ticket_types",
@@ -86,7 +86,7 @@ impl Store {
                 ));
             };
             events[at].ticket_types.push(TicketType {
-                id: parse(&row, "ticket_types", "id")?,
+                id: id_column(&row, "ticket_types", "id")?,
                 event_id,
                 name: row.try_get("name")?,
                 price: Money::new(
@@ -114,15 +114,4 @@ fn rule_from_row(kind: &str, of: Option<i64>) -> Result<Rule, StoreError> {
         _ => None,
     };
     rule.ok_or_else(|| StoreError::corrupt("ticket_types", format!("bad rule {kind}")))
-}
-
-/// Reads a text column holding an id.
-pub(super) fn parse<T: std::str::FromStr>(
-    row: &sqlx::any::AnyRow,
-    table: &'static str,
-    column: &'static str,
-) -> Result<T, StoreError> {
-    row.try_get::<String, _>(column)?
-        .parse()
-        .map_err(|_| StoreError::corrupt(table, format!("bad id in {column}")))
 }

@@ -4,7 +4,11 @@
 //! here and nowhere else.
 
 mod catalog;
+mod reservations;
 mod users;
+pub mod writer;
+
+pub use reservations::{Change, IdempotencyRecord, PaymentRecord, StoredIdempotency};
 
 use std::path::Path;
 use std::time::Duration;
@@ -146,6 +150,18 @@ fn unique_as(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Duplicate(what),
         _ => StoreError::Database(err),
     }
+}
+
+/// Reads a text column holding an id.
+fn id_column<T: std::str::FromStr>(
+    row: &sqlx::any::AnyRow,
+    table: &'static str,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    use sqlx::Row;
+    row.try_get::<String, _>(column)?
+        .parse()
+        .map_err(|_| StoreError::corrupt(table, format!("bad id in {column}")))
 }
 
 fn to_i64(value: u32) -> i64 {

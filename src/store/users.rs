@@ -3,8 +3,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::catalog::parse;
-use super::{unique_as, Store, StoreError};
+use super::{id_column, unique_as, Store, StoreError};
 use crate::core::{Role, Timestamp, User, UserId};
 
 impl Store {
@@ -48,7 +47,7 @@ impl Store {
 
 fn user_from_row(row: &AnyRow) -> Result<User, StoreError> {
     Ok(User {
-        id: parse(row, "users", "id")?,
+        id: id_column(row, "users", "id")?,
         email: row.try_get("email")?,
         role: Role::parse(&row.try_get::<String, _>("role")?)
             .ok_or_else(|| StoreError::corrupt("users", "unknown role"))?,

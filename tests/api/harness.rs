@@ -379,3 +379,266 @@ macro_rules! backend_tests {
         }
     };
 }
+
+/// Like [`backend_tests!`], with the settings adjusted by `$tweak` (a closure taking
+/// `&mut Settings`) before each server starts.
+#[macro_export]
+macro_rules! backend_tests_with {
+    ($tweak:expr; $( $(#[$meta:meta])* async fn $name:ident($app:ident) $body:block )*) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $(#[$meta])* #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::harness::with_app($crate::harness::Backend::Sqlite, $tweak, |$app| async move $body).await;
+            } )*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $(#[$meta])* #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::harness::with_app($crate::harness::Backend::Postgres, $tweak, |$app| async move $body).await;
+            } )*
+        }
+    };
+}
+
+/// A fresh PostgreSQL database `(name, url)` for a test that runs its own server process, or
+/// `None` (skipped loudly, or a panic under `TICKET_API_REQUIRE_SERVICES=1`).
+pub async fn fresh_postgres_database() -> Option<(String, String)> {
+    create_postgres_database().await
+}
+
+/// Drops a database made by [`fresh_postgres_database`].
+pub async fn remove_postgres_database(name: &str) {
+    drop_postgres_database(name).await;
+}
+
+/// Polls `check` until it returns `Some`, failing with `what` after `within`.
+pub async fn poll_until<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl TestApp {
+    /// A customer stored directly (no password hashing) and a token minted for them:
+    /// the fastest way to get many logged-in users. Returns `(user id, token)`.
+    pub async fn quick_customer(&self) -> (String, String) {
+        let user = User {
+            id: UserId::new(),
+            email: format!("quick-{}@example.com", UserId::new()),
+            role: Role::Customer,
+        };
+        let now = self.app.clock.now();
+        self.app
+            .store
+            .insert_user(&user, "not-a-password-hash", now)
+            .await
+            .unwrap();
+        let (token, _) = self.app.tokens.issue(user.id, Role::Customer, now);
+        (user.id.to_string(), token)
+    }
+
+    /// An admin stored directly and a token minted for them (no password hashing).
+    pub async fn quick_admin(&self) -> String {
+        let user = User {
+            id: UserId::new(),
+            email: format!("quick-admin-{}@example.com", UserId::new()),
+            role: Role::Admin,
+        };
+        let now = self.app.clock.now();
+        self.app
+            .store
+            .insert_user(&user, "not-a-password-hash", now)
+            .await
+            .unwrap();
+        self.app.tokens.issue(user.id, Role::Admin, now).0
+    }
+
+    /// A WebSocket bound to the token's user at connect (`?token=`).
+    pub async fn ws_as(&self, token: &str) -> WsClient {
+        WsClient::connect(&format!("ws://{}/ws?token={token}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// `events.get` over `/rpc`; the event.
+    pub async fn event(&self, event_id: &Value) -> Value {
+        let response = self
+            .rpc("events.get", json!({"event_id": event_id}), None)
+            .await;
+        assert!(response["error"].is_null(), "{response}");
+        response["result"].clone()
+    }
+
+    /// `(available, version)` of the ticket type at `index` of the event, per `events.get`.
+    pub async fn pool(&self, event_id: &Value, index: usize) -> (u64, u64) {
+        let event = self.event(event_id).await;
+        let ticket_type = &event["ticket_types"][index];
+        (
+            ticket_type["available"].as_u64().unwrap(),
+            ticket_type["version"].as_u64().unwrap(),
+        )
+    }
+}
+
+/// Event params with one ticket type per `(capacity, rule)`, named `T0`, `T1`, … and priced
+/// 25.00, 26.00, … EUR.
+pub fn event_with_types(name: &str, types: &[(u32, Value)]) -> Value {
+    let ticket_types: Vec<Value> = types
+        .iter()
+        .enumerate()
+        .map(|(i, (capacity, rule))| {
+            json!({
+                "name": format!("T{i}"),
+                "price": {"amount": 2500 + 100 * i as i64, "currency": "EUR"},
+                "capacity": capacity,
+                "rule": rule,
+            })
+        })
+        .collect();
+    json!({
+        "name": name,
+        "starts_at": "2027-05-01T19:30:00Z",
+        "venue": "Test Hall",
+        "ticket_types": ticket_types,
+    })
+}
+
+impl TestApp {
+    /// Creates an event with one ticket type per `(capacity, rule)` (see [`event_with_types`]);
+    /// returns the event id and the ticket type ids in order.
+    pub async fn create_pools(
+        &self,
+        admin_token: &str,
+        types: &[(u32, Value)],
+    ) -> (Value, Vec<Value>) {
+        let event = self
+            .create_event(admin_token, event_with_types("Pools", types))
+            .await;
+        let ids = event["ticket_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|tt| tt["id"].clone())
+            .collect();
+        (event["id"].clone(), ids)
+    }
+
+    /// One call over `/rpc` as the token's user; the whole response.
+    pub async fn call_as(&self, token: &str, method: &str, params: Value) -> Value {
+        self.rpc(method, params, Some(token)).await
+    }
+
+    /// One call over `/rpc` as the token's user that must succeed; its result.
+    pub async fn ok_as(&self, token: &str, method: &str, params: Value) -> Value {
+        let response = self.call_as(token, method, params).await;
+        assert!(response["error"].is_null(), "{method} failed: {response}");
+        response["result"].clone()
+    }
+}
+
+/// Asserts an application error with this code and `data.reason`.
+#[track_caller]
+pub fn assert_error(response: &Value, code: i64, reason: &str) {
+    assert_eq!(response["error"]["code"], json!(code), "{response}");
+    assert_eq!(
+        response["error"]["data"]["reason"],
+        json!(reason),
+        "{response}"
+    );
+    assert!(response.get("result").is_none(), "{response}");
+}
+
+/// Asserts `-32602 Invalid params` naming `field`.
+#[track_caller]
+pub fn assert_invalid_params(response: &Value, field: &str) {
+    assert_eq!(response["error"]["code"], json!(-32602), "{response}");
+    assert_eq!(
+        response["error"]["data"],
+        json!({"reason": "INVALID_PARAMS", "field": field}),
+        "{response}"
+    );
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time in a response.
+#[track_caller]
+pub fn millis(time: &Value) -> i64 {
+    let text = time
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time: {time}"));
+    ticket_api::core::Timestamp::parse_rfc3339(text)
+        .unwrap_or_else(|| panic!("not RFC 3339: {text}"))
+        .as_millis()
+}
+
+/// Asserts the shape of a `Reservation` (PROTOCOL §5): exactly its fields, money objects,
+/// items with positive quantities, `total` = Σ `unit_price` × `quantity`.
+#[track_caller]
+pub fn assert_reservation_shape(reservation: &Value) {
+    let object = reservation
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {reservation}"));
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "created_at",
+            "event_id",
+            "expires_at",
+            "id",
+            "items",
+            "status",
+            "total"
+        ],
+        "{reservation}"
+    );
+    assert!(reservation["id"].is_string(), "{reservation}");
+    assert!(reservation["event_id"].is_string(), "{reservation}");
+    assert!(
+        ["pending", "paid", "cancelled", "expired"]
+            .contains(&reservation["status"].as_str().unwrap_or("")),
+        "{reservation}"
+    );
+    let currency = reservation["total"]["currency"].clone();
+    let mut sum = 0i64;
+    for item in reservation["items"].as_array().expect("items") {
+        let mut keys: Vec<&str> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["quantity", "ticket_type_id", "unit_price"],
+            "{reservation}"
+        );
+        assert_eq!(item["unit_price"]["currency"], currency, "{reservation}");
+        let quantity = item["quantity"].as_i64().expect("integer quantity");
+        assert!(quantity >= 1, "{reservation}");
+        sum += quantity
+            * item["unit_price"]["amount"]
+                .as_i64()
+                .expect("integer amount");
+    }
+    assert_eq!(reservation["total"]["amount"], json!(sum), "{reservation}");
+    millis(&reservation["created_at"]);
+    millis(&reservation["expires_at"]);
+}

@@ -1,0 +1,358 @@
+//! A small JSON-RPC 2.0 client: one-shot calls over `POST /rpc`, and closed-loop calls
+//! (one call in flight at a time) over a WebSocket at `GET /ws`.
+//!
+//! Every target is a loopback address: [`Target::parse`] refuses anything else.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Url;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The server under test: a base URL whose host is a loopback address.
+#[derive(Debug, Clone)]
+pub struct Target {
+    base: Url,
+}
+
+impl Target {
+    /// Accepts `http://HOST[:PORT]` (or `ws://…`) where HOST is in 127.0.0.0/8, `localhost`
+    /// or `[::1]`. Any path is ignored: the routes `/rpc`, `/ws`, `/health` and `/metrics`
+    /// are taken from the root.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let url = Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+        let scheme = match url.scheme() {
+            "http" | "ws" => "http",
+            other => return Err(format!("scheme {other}:// not supported (use http://)")),
+        };
+        let host = url.host_str().ok_or("the URL has no host")?;
+        if !is_loopback_host(host) {
+            return Err(format!(
+                "host {host} is not a loopback address (allowed: 127.0.0.0/8, localhost, [::1])"
+            ));
+        }
+        let port = url.port_or_known_default().unwrap_or(80);
+        let base = Url::parse(&format!("{scheme}://{host}:{port}/"))
+            .map_err(|e| format!("not a URL: {e}"))?;
+        Ok(Self { base })
+    }
+
+    /// `http://host:port/<path>`.
+    pub fn http(&self, path: &str) -> Url {
+        let mut url = self.base.clone();
+        url.set_path(path);
+        url
+    }
+
+    /// `ws://host:port/ws`, with `?token=…` when given.
+    pub fn ws(&self, token: Option<&str>) -> Url {
+        let mut url = self.base.clone();
+        url.set_scheme("ws").expect("http → ws");
+        url.set_path("/ws");
+        if let Some(token) = token {
+            url.query_pairs_mut().append_pair("token", token);
+        }
+        url
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.base.as_str().trim_end_matches('/'))
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip.is_loopback(),
+        Ok(IpAddr::V6(ip)) => ip.is_loopback(),
+        Err(_) => false,
+    }
+}
+
+/// A JSON-RPC error object as answered by the server.
+#[derive(Debug, Clone)]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    fn from_value(value: &Value) -> Self {
+        Self {
+            code: value.get("code").and_then(Value::as_i64).unwrap_or(0),
+            message: value
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            data: value.get("data").cloned(),
+        }
+    }
+
+    /// `data.reason` when the server gave one, else a name for the standard code.
+    pub fn reason(&self) -> String {
+        if let Some(reason) = self
+            .data
+            .as_ref()
+            .and_then(|d| d.get("reason"))
+            .and_then(Value::as_str)
+        {
+            return reason.to_owned();
+        }
+        match self.code {
+            -32700 => "PARSE_ERROR(-32700)".to_owned(),
+            -32600 => "INVALID_REQUEST(-32600)".to_owned(),
+            -32601 => "METHOD_NOT_FOUND(-32601)".to_owned(),
+            -32602 => "INVALID_PARAMS(-32602)".to_owned(),
+            -32603 => "INTERNAL_ERROR(-32603)".to_owned(),
+            code => format!("CODE({code})"),
+        }
+    }
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.code, self.reason(), self.message)
+    }
+}
+
+/// Why a call has no result.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// The server answered with an error object.
+    Rpc(RpcError),
+    /// No usable answer: connection refused or lost, timeout, malformed response.
+    /// The call may or may not have taken effect.
+    Transport(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Rpc(e) => write!(f, "{e}"),
+            Self::Transport(e) => write!(f, "transport: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Turns one response object into a result, checking it answers `id`.
+fn parse_response(response: &Value, id: u64) -> Result<Value, CallError> {
+    if response.get("id").and_then(Value::as_u64) != Some(id) {
+        return Err(CallError::Transport(format!(
+            "response for another id: {response}"
+        )));
+    }
+    if let Some(error) = response.get("error") {
+        return Err(CallError::Rpc(RpcError::from_value(error)));
+    }
+    response
+        .get("result")
+        .cloned()
+        .ok_or_else(|| CallError::Transport(format!("neither result nor error: {response}")))
+}
+
+fn request(id: u64, method: &str, params: &Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+/// One-shot JSON-RPC over `POST /rpc`.
+#[derive(Debug, Clone)]
+pub struct HttpRpc {
+    client: reqwest::Client,
+    target: Target,
+}
+
+impl HttpRpc {
+    pub fn new(target: Target, timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .no_proxy()
+            .build()
+            .expect("HTTP client");
+        Self { client, target }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Value,
+        token: Option<&str>,
+    ) -> Result<Value, CallError> {
+        let mut builder = self
+            .client
+            .post(self.target.http("/rpc"))
+            .json(&request(1, method, &params));
+        if let Some(token) = token {
+            builder = builder.bearer_auth(token);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| CallError::Transport(format!("POST /rpc {method}: {e}")))?;
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            return Err(CallError::Transport(format!(
+                "POST /rpc {method}: HTTP {status}"
+            )));
+        }
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| CallError::Transport(format!("POST /rpc {method}: {e}")))?;
+        parse_response(&body, 1)
+    }
+
+    /// `GET <path>` as text (for `/health` and `/metrics`).
+    pub async fn get_text(&self, path: &str) -> Result<String, String> {
+        let response = self
+            .client
+            .get(self.target.http(path))
+            .send()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("GET {path}: HTTP {status}: {text}"));
+        }
+        Ok(text)
+    }
+}
+
+/// JSON-RPC over one WebSocket, one call at a time. Server notifications arriving while a
+/// call waits are skipped.
+pub struct WsRpc {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+}
+
+impl WsRpc {
+    /// Opens `ws://…/ws?token=…`. The caller bounds the time with a timeout.
+    pub async fn connect(url: &Url) -> Result<Self, String> {
+        // Nagle off: one small frame at a time, closed-loop.
+        let (stream, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+            .await
+            .map_err(|e| format!("connect {}: {e}", redact(url)))?;
+        Ok(Self { stream, next_id: 1 })
+    }
+
+    /// Sends one request and waits for its response. The caller bounds the time with a
+    /// timeout; after a transport error (or a timeout) the connection is not to be reused.
+    pub async fn call(&mut self, method: &str, params: &Value) -> Result<Value, CallError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let text = request(id, method, params).to_string();
+        self.stream
+            .send(Message::text(text))
+            .await
+            .map_err(|e| CallError::Transport(format!("send: {e}")))?;
+        loop {
+            let message = match self.stream.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => return Err(CallError::Transport(format!("receive: {e}"))),
+                None => return Err(CallError::Transport("connection closed".to_owned())),
+            };
+            let text = match message {
+                Message::Text(text) => text,
+                Message::Close(frame) => {
+                    return Err(CallError::Transport(match frame {
+                        Some(frame) => format!("closed by server: {} {}", frame.code, frame.reason),
+                        None => "closed by server".to_owned(),
+                    }))
+                }
+                // Pings are answered by the library; nothing else is expected.
+                _ => continue,
+            };
+            let value: Value = serde_json::from_str(text.as_str())
+                .map_err(|e| CallError::Transport(format!("malformed frame: {e}")))?;
+            if value.get("id").is_none() && value.get("method").is_some() {
+                continue; // a notification
+            }
+            return parse_response(&value, id);
+        }
+    }
+
+    /// Closes politely; errors are irrelevant at this point.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.close(None)).await;
+    }
+}
+
+/// The URL without its query (which carries a token).
+fn redact(url: &Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_targets_are_accepted() {
+        for ok in [
+            "http://127.0.0.1:4000",
+            "http://127.1.2.3:80/",
+            "http://localhost:4000",
+            "http://LOCALHOST",
+            "http://[::1]:4000",
+            "ws://127.0.0.1:4000/ws",
+        ] {
+            assert!(Target::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn other_targets_are_refused() {
+        for bad in [
+            "http://10.0.0.1:4000",
+            "http://example.com",
+            "http://128.0.0.1",
+            "http://[::2]:4000",
+            "http://[::ffff:8.8.8.8]:4000",
+            "http://localhost.example.com",
+            "https://127.0.0.1",
+            "127.0.0.1:4000",
+            "not a url",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes_are_built_from_the_root() {
+        let target = Target::parse("http://127.0.0.1:4000/ignored").unwrap();
+        assert_eq!(target.http("/rpc").as_str(), "http://127.0.0.1:4000/rpc");
+        assert_eq!(
+            target.ws(Some("a.b.c")).as_str(),
+            "ws://127.0.0.1:4000/ws?token=a.b.c"
+        );
+        assert_eq!(target.to_string(), "http://127.0.0.1:4000");
+    }
+
+    #[test]
+    fn reasons_fall_back_to_the_standard_codes() {
+        let e = RpcError::from_value(&json!({"code": -32601, "message": "Method not found"}));
+        assert_eq!(e.reason(), "METHOD_NOT_FOUND(-32601)");
+        let e = RpcError::from_value(
+            &json!({"code": 2001, "message": "x", "data": {"reason": "INSUFFICIENT_TICKETS"}}),
+        );
+        assert_eq!(e.reason(), "INSUFFICIENT_TICKETS");
+    }
+}

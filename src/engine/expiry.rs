@@ -1,0 +1,198 @@
+//! Expiry: the port that is told when each pending reservation falls due, and the
+//! in-process timer behind it for the embedded default. Whatever the source (timer, Redis
+//! key event, sweeper), a due reservation comes out of one channel, and releasing it is
+//! idempotent, so two sources never release twice.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{Clock, ReservationId, Timestamp};
+
+/// Due reservations waiting for the engine. A full channel makes the source wait; the
+/// sweeper catches anything a source had to give up on.
+pub const DUE_CAPACITY: usize = 4_096;
+
+/// Schedules and cancels expiries.
+pub trait Expiry: Send + Sync + 'static {
+    /// `id` falls due at `at` (now or in the past: at once).
+    fn schedule(&self, id: ReservationId, at: Timestamp);
+    /// `id` was paid or cancelled: it will not fall due.
+    fn cancel(&self, id: ReservationId);
+    /// For `/health`: `true` when expiries are being delivered.
+    fn healthy(&self) -> bool;
+}
+
+#[derive(Default)]
+struct Schedule {
+    by_time: BTreeSet<(Timestamp, ReservationId)>,
+    by_id: HashMap<ReservationId, Timestamp>,
+}
+
+impl Schedule {
+    fn insert(&mut self, id: ReservationId, at: Timestamp) {
+        if let Some(old) = self.by_id.insert(id, at) {
+            self.by_time.remove(&(old, id));
+        }
+        self.by_time.insert((at, id));
+    }
+
+    fn remove(&mut self, id: ReservationId) {
+        if let Some(at) = self.by_id.remove(&id) {
+            self.by_time.remove(&(at, id));
+        }
+    }
+
+    /// Takes every entry due at `now`, or says when the next one is.
+    fn take_due(&mut self, now: Timestamp) -> (Vec<ReservationId>, Option<Timestamp>) {
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = self.by_time.first() {
+            if at > now {
+                return (due, Some(at));
+            }
+            self.by_time.pop_first();
+            self.by_id.remove(&id);
+            due.push(id);
+        }
+        (due, None)
+    }
+}
+
+/// The in-process timer: a time-ordered set and a task woken by `Notify` when the
+/// earliest deadline changes (the mini-redis purge-task pattern).
+pub struct TimerExpiry {
+    /// Short critical sections only (set inserts and removals), never across `.await`.
+    schedule: Mutex<Schedule>,
+    wake: Notify,
+    clock: Arc<dyn Clock>,
+}
+
+impl TimerExpiry {
+    pub fn new(clock: Arc<dyn Clock>) -> Arc<Self> {
+        Arc::new(Self {
+            schedule: Mutex::new(Schedule::default()),
+            wake: Notify::new(),
+            clock,
+        })
+    }
+
+    fn schedule_lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        // Each operation leaves both indexes consistent before it can panic.
+        self.schedule.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Delivers due reservations into `due` until `stop` is cancelled.
+    pub async fn run(self: Arc<Self>, due: mpsc::Sender<ReservationId>, stop: CancellationToken) {
+        loop {
+            let (ready, next) = self.schedule_lock().take_due(self.clock.now());
+            for id in ready {
+                if due.send(id).await.is_err() {
+                    return;
+                }
+            }
+            let sleep = match next {
+                Some(at) => self.clock.now().until(at),
+                None => std::time::Duration::from_secs(3600),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(sleep) => {}
+                () = self.wake.notified() => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.schedule_lock().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Expiry for TimerExpiry {
+    fn schedule(&self, id: ReservationId, at: Timestamp) {
+        let earliest = {
+            let mut schedule = self.schedule_lock();
+            schedule.insert(id, at);
+            schedule
+                .by_time
+                .first()
+                .is_some_and(|&(first, _)| first == at)
+        };
+        // Only a new earliest deadline needs the task to recompute its sleep.
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
+    fn cancel(&self, id: ReservationId) {
+        self.schedule_lock().remove(id);
+    }
+
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millis(ms)
+    }
+
+    #[test]
+    fn takes_what_is_due_in_time_order() {
+        let (a, b, c) = (
+            ReservationId::new(),
+            ReservationId::new(),
+            ReservationId::new(),
+        );
+        let mut schedule = Schedule::default();
+        schedule.insert(a, at(30));
+        schedule.insert(b, at(10));
+        schedule.insert(c, at(50));
+        assert_eq!(schedule.take_due(at(30)), (vec![b, a], Some(at(50))));
+        assert_eq!(schedule.take_due(at(60)), (vec![c], None));
+    }
+
+    #[test]
+    fn rescheduling_replaces_and_cancelling_removes() {
+        let (a, b) = (ReservationId::new(), ReservationId::new());
+        let mut schedule = Schedule::default();
+        schedule.insert(a, at(10));
+        schedule.insert(a, at(40));
+        schedule.insert(b, at(20));
+        schedule.remove(b);
+        assert_eq!(schedule.take_due(at(30)), (vec![], Some(at(40))));
+        assert_eq!(schedule.by_time.len(), 1);
+    }
+
+    struct FixedClock(std::sync::atomic::AtomicI64);
+    impl Clock for FixedClock {
+        fn now(&self) -> Timestamp {
+            at(self.0.load(std::sync::atomic::Ordering::SeqCst))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_timer_delivers_a_past_deadline_at_once_and_skips_cancelled_ones() {
+        let clock = Arc::new(FixedClock(1_000.into()));
+        let timer = TimerExpiry::new(clock.clone());
+        let (due_tx, mut due) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+        let (a, b) = (ReservationId::new(), ReservationId::new());
+        timer.schedule(b, at(500));
+        timer.cancel(b);
+        timer.schedule(a, at(900));
+        assert_eq!(due.recv().await, Some(a));
+        assert!(timer.is_empty());
+        stop.cancel();
+    }
+}

@@ -1,0 +1,350 @@
+//! The reservation engine: the lifecycle of PROTOCOL §5 over the in-memory inventory, the
+//! write-behind writer and the expiry, payment and notification ports.
+//!
+//! Every change follows one shape: change the inventory (microseconds, under the event's
+//! lock), commit through the writer, then either complete it (answer, schedule or cancel
+//! expiry, notify) or undo it in memory and answer `UNAVAILABLE`. Releases keep their
+//! tickets held until the commit is done, so a failed commit never hands tickets out twice.
+
+pub mod expiry;
+pub mod idempotency;
+pub mod notify;
+pub mod payments;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
+use crate::core::reservation::{ReleaseKind, Reservation, Status};
+use crate::core::{Clock, PaymentId, ReservationId, TicketTypeId, UserId};
+use crate::store::writer::Writer;
+use crate::store::{Change, PaymentRecord, Store, StoreError};
+use expiry::Expiry;
+use idempotency::{IdempotencyKeys, Idempotent, KeyedCall};
+use notify::Notifier;
+use payments::{PaymentAdapter, PaymentError};
+
+/// How long a payment provider may take before the payment counts as unavailable.
+const PAYMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a reservation call failed. Mapped to the wire in `rpc::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid reservation: {0}")]
+    Invalid(ReserveError),
+    #[error("not found")]
+    NotFound,
+    #[error("reservation expired")]
+    Expired,
+    #[error("reservation not pending")]
+    NotPending,
+    #[error("idempotency key reused with other params")]
+    IdempotencyConflict,
+    #[error("payment declined")]
+    PaymentDeclined,
+    #[error("payment provider unavailable")]
+    PaymentUnavailable,
+    /// Nothing was changed: the database could not commit or is overloaded.
+    #[error("storage unavailable")]
+    Unavailable,
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Database(cause) => {
+                tracing::error!(%cause, "storage failed");
+                EngineError::Unavailable
+            }
+            other => EngineError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A successful payment and the reservation it paid.
+#[derive(Debug, Clone)]
+pub struct Paid {
+    pub payment: PaymentRecord,
+    pub reservation: Reservation,
+}
+
+/// The ports and state the engine works with.
+pub struct Engine {
+    inventory: Arc<Inventory>,
+    store: Store,
+    writer: Writer,
+    expiry: Arc<dyn Expiry>,
+    payments: Arc<dyn PaymentAdapter>,
+    notifier: Arc<dyn Notifier>,
+    clock: Arc<dyn Clock>,
+    ttl: Duration,
+    keys: IdempotencyKeys,
+}
+
+pub struct EngineParts {
+    pub inventory: Arc<Inventory>,
+    pub store: Store,
+    pub writer: Writer,
+    pub expiry: Arc<dyn Expiry>,
+    pub payments: Arc<dyn PaymentAdapter>,
+    pub notifier: Arc<dyn Notifier>,
+    pub clock: Arc<dyn Clock>,
+    pub ttl: Duration,
+}
+
+impl Engine {
+    pub fn new(parts: EngineParts) -> Self {
+        Self {
+            keys: IdempotencyKeys::new(parts.store.clone()),
+            inventory: parts.inventory,
+            store: parts.store,
+            writer: parts.writer,
+            expiry: parts.expiry,
+            payments: parts.payments,
+            notifier: parts.notifier,
+            clock: parts.clock,
+            ttl: parts.ttl,
+        }
+    }
+
+    pub fn expiry(&self) -> &Arc<dyn Expiry> {
+        &self.expiry
+    }
+
+    /// Holds tickets for `user`, all items or none; durable when it returns `Ok`.
+    /// With a key, a repeat returns the first result (`Idempotent::Replayed`).
+    pub async fn reserve(
+        &self,
+        user: UserId,
+        items: Vec<(TicketTypeId, u32)>,
+        key: Option<KeyedCall<'_, Reservation>>,
+    ) -> Result<Idempotent<Reservation>, EngineError> {
+        let key = self.keys.begin(user, key, self.clock.now()).await?;
+        if let Some(stored) = key.replay()? {
+            return Ok(stored);
+        }
+        let request = ReserveRequest {
+            id: ReservationId::new(),
+            user_id: user,
+            items,
+            now: self.clock.now(),
+            ttl: self.ttl,
+        };
+        let reserved = self.inventory.reserve(request).map_err(|e| match e {
+            ReserveError::UnknownTicketType { .. } => EngineError::NotFound,
+            other => EngineError::Invalid(other),
+        })?;
+        let reservation = reserved.reservation;
+        let record = key.record(&reservation, self.clock.now());
+        if let Err(error) = self
+            .writer
+            .commit(Change::Reserve(reservation.clone()), record)
+            .await
+        {
+            tracing::warn!(reservation = %reservation.id, %error, "reserve not committed; tickets returned");
+            if let Some(pools) = self.inventory.unreserve(reservation.id) {
+                self.notifier.pools_changed(reservation.event_id, &pools);
+            }
+            return Err(EngineError::Unavailable);
+        }
+        self.expiry.schedule(reservation.id, reservation.expires_at);
+        self.notifier
+            .pools_changed(reservation.event_id, &reserved.pools);
+        Ok(Idempotent::Fresh(reservation))
+    }
+
+    /// The user's reservation, active or stored; another user's is `NotFound`.
+    pub async fn get(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError> {
+        if let Some(active) = self.inventory.active(id) {
+            return if active.user_id == user {
+                Ok(active)
+            } else {
+                Err(EngineError::NotFound)
+            };
+        }
+        match self.store.reservation(id).await? {
+            Some(stored) if stored.user_id == user => Ok(stored),
+            _ => Err(EngineError::NotFound),
+        }
+    }
+
+    /// Cancels a pending reservation: tickets back in the pool once the release commits.
+    pub async fn cancel(
+        &self,
+        user: UserId,
+        id: ReservationId,
+    ) -> Result<Reservation, EngineError> {
+        match self
+            .inventory
+            .begin_release(id, ReleaseKind::Cancel, Some(user), self.clock.now())
+        {
+            Ok(_) => self.finish_release(id, Status::Cancelled).await,
+            Err(error) => Err(self.refusal(user, id, error).await),
+        }
+    }
+
+    /// Releases a reservation that has fallen due. Idempotent: anything not pending and due
+    /// (paid, cancelled, already released, a payment in flight) is left alone.
+    pub async fn expire(&self, id: ReservationId) {
+        match self
+            .inventory
+            .begin_release(id, ReleaseKind::Expire, None, self.clock.now())
+        {
+            Ok(_) => {
+                if let Err(error) = self.finish_release(id, Status::Expired).await {
+                    tracing::warn!(reservation = %id, %error, "expiry not committed; the sweeper retries");
+                }
+            }
+            Err(ChangeError::NotDue) => {
+                // Delivered early (clock skew between sources): put it back.
+                if let Some(active) = self.inventory.active(id) {
+                    self.expiry.schedule(id, active.expires_at);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Pending reservations past their time, for the sweeper.
+    pub fn overdue(&self) -> Vec<ReservationId> {
+        self.inventory.overdue(self.clock.now())
+    }
+
+    /// Commits a release begun in the inventory and completes or undoes it.
+    async fn finish_release(
+        &self,
+        id: ReservationId,
+        status: Status,
+    ) -> Result<Reservation, EngineError> {
+        let change = Change::Release {
+            id,
+            status,
+            at: self.clock.now(),
+        };
+        if let Err(error) = self.writer.commit(change, None).await {
+            tracing::warn!(reservation = %id, %error, "release not committed; still pending");
+            self.inventory.abort_release(id);
+            return Err(EngineError::Unavailable);
+        }
+        let (reservation, pools) = self
+            .inventory
+            .complete_release(id)
+            .ok_or_else(|| EngineError::Internal(format!("release of {id} vanished")))?;
+        self.expiry.cancel(id);
+        self.notifier.pools_changed(reservation.event_id, &pools);
+        self.notifier.reservation_updated(&reservation);
+        tracing::info!(reservation = %id, status = status.as_str(), "reservation released");
+        Ok(reservation)
+    }
+
+    /// Pays a pending reservation. The payment that began before `expires_at` decides:
+    /// expiry leaves the reservation alone while the provider is asked.
+    pub async fn pay(
+        &self,
+        user: UserId,
+        id: ReservationId,
+        payment_token: &str,
+        key: Option<KeyedCall<'_, Paid>>,
+    ) -> Result<Idempotent<Paid>, EngineError> {
+        let key = self.keys.begin(user, key, self.clock.now()).await?;
+        if let Some(stored) = key.replay()? {
+            return Ok(stored);
+        }
+        let reservation = match self.inventory.begin_payment(id, user, self.clock.now()) {
+            Ok(reservation) => reservation,
+            Err(error) => return Err(self.refusal(user, id, error).await),
+        };
+        let charged = tokio::time::timeout(
+            PAYMENT_TIMEOUT,
+            self.payments.charge(id, reservation.total, payment_token),
+        )
+        .await
+        .unwrap_or(Err(PaymentError::Unavailable));
+        if let Err(refused) = charged {
+            self.payment_failed(id).await;
+            return Err(match refused {
+                PaymentError::Declined => EngineError::PaymentDeclined,
+                PaymentError::Unavailable => EngineError::PaymentUnavailable,
+            });
+        }
+        let payment = PaymentRecord {
+            id: PaymentId::new(),
+            reservation_id: id,
+            amount: reservation.total,
+            at: self.clock.now(),
+        };
+        let paid = Paid {
+            payment: payment.clone(),
+            reservation: Reservation {
+                status: Status::Paid,
+                ..reservation
+            },
+        };
+        let record = key.record(&paid, self.clock.now());
+        if let Err(error) = self.writer.commit(Change::Pay(payment), record).await {
+            // The provider took the money but it is not recorded: an operator must refund.
+            tracing::error!(reservation = %id, %error, "payment succeeded but was not committed: refund needed");
+            self.payment_failed(id).await;
+            return Err(EngineError::Unavailable);
+        }
+        self.inventory.complete_payment(id);
+        self.expiry.cancel(id);
+        self.notifier.reservation_updated(&paid.reservation);
+        tracing::info!(reservation = %id, "reservation paid");
+        Ok(Idempotent::Fresh(paid))
+    }
+
+    /// Back to pending after a failed payment; released at once if its time ran out meanwhile.
+    async fn payment_failed(&self, id: ReservationId) {
+        if let Some(reservation) = self.inventory.abort_payment(id) {
+            if reservation.expires_at <= self.clock.now() {
+                self.expire(id).await;
+            }
+        }
+    }
+
+    /// The answer to a pay or cancel the inventory refused.
+    async fn refusal(&self, user: UserId, id: ReservationId, error: ChangeError) -> EngineError {
+        match error {
+            ChangeError::Expired => {
+                self.expire(id).await;
+                EngineError::Expired
+            }
+            ChangeError::NotPending | ChangeError::NotDue => EngineError::NotPending,
+            // Not active: paid, cancelled, expired, another user's, or unknown.
+            ChangeError::NotFound => match self.store.reservation(id).await {
+                Ok(Some(stored)) if stored.user_id == user => match stored.status {
+                    Status::Expired => EngineError::Expired,
+                    Status::Paid | Status::Cancelled => EngineError::NotPending,
+                    Status::Pending => {
+                        tracing::warn!(reservation = %id, "pending in storage but not in memory");
+                        EngineError::NotPending
+                    }
+                },
+                Ok(_) => EngineError::NotFound,
+                Err(error) => error.into(),
+            },
+        }
+    }
+
+    /// Recovery: puts a pending reservation loaded from storage back under expiry.
+    pub fn restore(&self, reservation: Reservation) {
+        let (id, expires_at) = (reservation.id, reservation.expires_at);
+        if self.inventory.restore_pending(reservation) {
+            self.expiry.schedule(id, expires_at);
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Deletes idempotency keys past their 24 hours.
+    pub async fn forget_old_keys(&self) -> Result<u64, StoreError> {
+        self.store
+            .delete_old_idempotency_keys(self.clock.now())
+            .await
+    }
+}

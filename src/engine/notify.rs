@@ -1,0 +1,23 @@
+//! The port through which the engine announces committed changes to subscribers.
+
+use crate::core::inventory::PoolState;
+use crate::core::reservation::Reservation;
+use crate::core::EventId;
+
+/// Receives every committed change. Implementations must return at once (queue, never
+/// send on the caller's time): the engine calls them on the reserve path.
+pub trait Notifier: Send + Sync + 'static {
+    /// The availability of some ticket types of an event changed.
+    fn pools_changed(&self, event_id: EventId, pools: &[PoolState]);
+    /// A reservation became paid, cancelled or expired.
+    fn reservation_updated(&self, reservation: &Reservation);
+}
+
+/// Announces nothing: for tools and tests that have no subscribers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Notifier for Silent {
+    fn pools_changed(&self, _: EventId, _: &[PoolState]) {}
+    fn reservation_updated(&self, _: &Reservation) {}
+}

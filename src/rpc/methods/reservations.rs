@@ -1,0 +1,225 @@
+//! `tickets.reserve`, `reservations.get`, `reservations.list`, `reservations.cancel` and
+//! `payments.create`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::core::inventory::MAX_ITEMS;
+use crate::core::reservation::{Reservation, Status};
+use crate::core::{ReservationId, TicketTypeId, MAX_COUNT};
+use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall, MAX_KEY_CHARS};
+use crate::engine::Paid;
+use crate::rpc::dispatch::{Ctx, Methods};
+use crate::rpc::types::{parse_id, MoneyJson, ReservationJson};
+use crate::rpc::RpcError;
+
+pub fn register(methods: &mut Methods) {
+    methods.register("tickets.reserve", reserve);
+    methods.register("reservations.get", get);
+    methods.register("reservations.list", list);
+    methods.register("reservations.cancel", cancel);
+    methods.register("payments.create", pay);
+}
+
+/// Most reservations `reservations.list` returns (the newest).
+const MAX_LISTED: usize = 1_000;
+
+#[derive(Debug, Deserialize)]
+struct ReserveParams {
+    items: Vec<ItemParam>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ItemParam {
+    ticket_type_id: String,
+    quantity: u32,
+}
+
+fn check_key(key: &Option<String>) -> Result<(), RpcError> {
+    match key {
+        Some(key) if key.is_empty() || key.chars().count() > MAX_KEY_CHARS => {
+            Err(RpcError::invalid_params(
+                "idempotency_key",
+                format!("1 to {MAX_KEY_CHARS} characters"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A result replayed from an idempotency key is the stored wire form.
+fn replayed<T: Serialize>(result: Idempotent<T>) -> Result<Value, RpcError> {
+    match result {
+        Idempotent::Fresh(value) => serde_json::to_value(value).map_err(RpcError::internal),
+        Idempotent::Replayed(text) => serde_json::from_str(&text).map_err(RpcError::internal),
+    }
+}
+
+fn reservation_text(reservation: &Reservation) -> String {
+    serde_json::to_string(&ReservationJson::from(reservation)).expect("serializable")
+}
+
+async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
+    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    check_key(&params.idempotency_key)?;
+    // Shape first (INVALID_PARAMS), then which ticket types exist (NOT_FOUND).
+    if params.items.is_empty() || params.items.len() > MAX_ITEMS {
+        return Err(RpcError::invalid_params(
+            "items",
+            format!("1 to {MAX_ITEMS} items"),
+        ));
+    }
+    for (i, item) in params.items.iter().enumerate() {
+        if !(1..=MAX_COUNT).contains(&item.quantity) {
+            return Err(RpcError::invalid_params(
+                format!("items[{i}].quantity"),
+                "an integer from 1 to 2147483647",
+            ));
+        }
+    }
+    let items = params
+        .items
+        .iter()
+        .map(|item| {
+            Ok((
+                parse_id::<TicketTypeId>(&item.ticket_type_id)?,
+                item.quantity,
+            ))
+        })
+        .collect::<Result<Vec<_>, RpcError>>()?;
+    let canonical: String = items
+        .iter()
+        .map(|(id, quantity)| format!("{id}:{quantity};"))
+        .collect();
+    let render = |r: &Reservation| reservation_text(r);
+    let key = params.idempotency_key.as_deref().map(|key| KeyedCall {
+        method: "tickets.reserve",
+        key,
+        params_hash: params_hash(&canonical),
+        render: &render,
+    });
+    let reservation = ctx.app.engine.reserve(user, items, key).await?;
+    replayed(map_fresh(reservation, |r| ReservationJson::from(&r)))
+}
+
+fn map_fresh<T, U>(result: Idempotent<T>, f: impl FnOnce(T) -> U) -> Idempotent<U> {
+    match result {
+        Idempotent::Fresh(value) => Idempotent::Fresh(f(value)),
+        Idempotent::Replayed(text) => Idempotent::Replayed(text),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ReservationParams {
+    reservation_id: String,
+}
+
+async fn get(ctx: Ctx, params: ReservationParams) -> Result<ReservationJson, RpcError> {
+    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let id: ReservationId = parse_id(&params.reservation_id)?;
+    Ok(ReservationJson::from(&ctx.app.engine.get(user, id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ReservationList {
+    reservations: Vec<ReservationJson>,
+}
+
+async fn list(ctx: Ctx, params: ListParams) -> Result<ReservationList, RpcError> {
+    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let status = match params.status.as_deref() {
+        None => None,
+        Some(text) => Some(text.parse::<Status>().map_err(|_| {
+            RpcError::invalid_params("status", "one of pending, paid, cancelled, expired")
+        })?),
+    };
+    let reservations = ctx
+        .app
+        .store
+        .reservations_of(user, status, MAX_LISTED)
+        .await?;
+    Ok(ReservationList {
+        reservations: reservations.iter().map(ReservationJson::from).collect(),
+    })
+}
+
+async fn cancel(ctx: Ctx, params: ReservationParams) -> Result<ReservationJson, RpcError> {
+    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let id: ReservationId = parse_id(&params.reservation_id)?;
+    Ok(ReservationJson::from(
+        &ctx.app.engine.cancel(user, id).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct PayParams {
+    reservation_id: String,
+    payment_token: String,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct PaymentJson {
+    id: String,
+    reservation_id: String,
+    amount: MoneyJson,
+    status: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct PayResult {
+    payment: PaymentJson,
+    reservation: ReservationJson,
+}
+
+impl From<&Paid> for PayResult {
+    fn from(paid: &Paid) -> Self {
+        Self {
+            payment: PaymentJson {
+                id: paid.payment.id.to_string(),
+                reservation_id: paid.payment.reservation_id.to_string(),
+                amount: paid.payment.amount.into(),
+                status: "succeeded",
+            },
+            reservation: ReservationJson::from(&paid.reservation),
+        }
+    }
+}
+
+/// The longest payment token accepted.
+const MAX_TOKEN_CHARS: usize = 200;
+
+async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
+    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    check_key(&params.idempotency_key)?;
+    if params.payment_token.is_empty() || params.payment_token.chars().count() > MAX_TOKEN_CHARS {
+        return Err(RpcError::invalid_params(
+            "payment_token",
+            format!("1 to {MAX_TOKEN_CHARS} characters"),
+        ));
+    }
+    let id: ReservationId = parse_id(&params.reservation_id)?;
+    let canonical = format!("{id}:{}", params.payment_token);
+    let render = |paid: &Paid| serde_json::to_string(&PayResult::from(paid)).expect("serializable");
+    let key = params.idempotency_key.as_deref().map(|key| KeyedCall {
+        method: "payments.create",
+        key,
+        params_hash: params_hash(&canonical),
+        render: &render,
+    });
+    let paid = ctx
+        .app
+        .engine
+        .pay(user, id, &params.payment_token, key)
+        .await?;
+    replayed(map_fresh(paid, |p| PayResult::from(&p)))
+}
