@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,10 +16,10 @@ use crate::catalog::{EventDraft, FieldError};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
 use crate::core::{Clock, Event, ReservationId, SystemClock};
-use crate::engine::expiry::{TimerExpiry, DUE_CAPACITY};
 use crate::engine::notify::Silent;
 use crate::engine::payments::TestPayments;
 use crate::engine::{Engine, EngineParts};
+use crate::expiry::{Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::methods;
@@ -75,6 +75,8 @@ pub enum StartError {
     },
     #[error("demo event {0}")]
     Demo(FieldError),
+    #[error("expiry: {0}")]
+    Expiry(#[from] ExpiryStartError),
 }
 
 /// Why an event could not be created.
@@ -99,12 +101,22 @@ impl App {
         let (writer, writer_task) =
             Writer::start(store.clone(), Arc::clone(&metrics), stop_writer.clone());
         let inventory = Arc::new(Inventory::new());
-        let timer = TimerExpiry::new(Arc::clone(&clock));
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        let (due_tx, due_rx) = mpsc::channel(DUE_CAPACITY);
+        let sweep_now = Arc::new(Notify::new());
+        let deliveries = Deliveries {
+            due: due_tx.clone(),
+            sweep_now: Arc::clone(&sweep_now),
+            stop: stop_background.clone(),
+        };
+        let expiry =
+            crate::expiry::start(&settings, Arc::clone(&clock), deliveries, &background).await?;
         let engine = Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
             store: store.clone(),
             writer,
-            expiry: timer.clone(),
+            expiry,
             payments: Arc::new(TestPayments),
             notifier: Arc::new(Silent),
             clock: Arc::clone(&clock),
@@ -123,8 +135,8 @@ impl App {
             openrpc: serde_json::from_str(OPENRPC).expect("protocol/openrpc.json is valid JSON"),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            background: TaskTracker::new(),
-            stop_background: CancellationToken::new(),
+            background,
+            stop_background,
             stop_writer,
             writer_task: Mutex::new(Some(writer_task)),
             store,
@@ -135,11 +147,9 @@ impl App {
             settings,
         });
         app.recover().await?;
-        let (due_tx, due_rx) = mpsc::channel(DUE_CAPACITY);
-        app.background
-            .spawn(timer.run(due_tx.clone(), app.stop_background.clone()));
         app.background.spawn(expire_due(Arc::clone(&app), due_rx));
-        app.background.spawn(sweep(Arc::clone(&app), due_tx));
+        app.background
+            .spawn(sweep(Arc::clone(&app), due_tx, sweep_now));
         app.background.spawn(forget_old_keys(Arc::clone(&app)));
         if app.settings.demo {
             app.seed_demo().await?;
@@ -240,12 +250,14 @@ async fn expire_due(app: Arc<App>, mut due: mpsc::Receiver<ReservationId>) {
     }
 }
 
-/// Catches what no expiry source delivered (a lost notification, a failed commit).
-async fn sweep(app: Arc<App>, due: mpsc::Sender<ReservationId>) {
+/// Catches what no expiry source delivered (a lost notification, a failed commit):
+/// periodically, and at once when a source asks (after a Redis reconnect).
+async fn sweep(app: Arc<App>, due: mpsc::Sender<ReservationId>, sweep_now: Arc<Notify>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
             _ = every.tick() => {}
+            () = sweep_now.notified() => {}
             () = app.stop_background.cancelled() => return,
         }
         for id in app.engine.overdue() {

@@ -9,6 +9,7 @@
 //!   reservation lifecycle.
 //! - [`engine`]: the reservation lifecycle over the core, with the write-behind writer and
 //!   the expiry, payment and notification ports.
+//! - [`expiry`]: when pending reservations fall due: Redis key TTLs or an in-process timer.
 //! - [`store`]: PostgreSQL or SQLite through sqlx, and the group-commit writer.
 //! - [`auth`]: Argon2id password hashes and HS256 JWTs.
 //! - [`app`]: the wiring, the only place that knows the concrete implementations.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod engine;
+pub mod expiry;
 pub mod metrics;
 pub mod rpc;
 pub mod server;

@@ -137,9 +137,7 @@ pub async fn run(args: &ReserveArgs) -> Result<ReserveReport, SetupError> {
     let elapsed = started.elapsed();
     let writer_batches = match (batches_before, writer_batches(&http).await) {
         // Counters going down mean the server restarted meanwhile: no usable figure.
-        (Some(before), Some(after)) if after.batches >= before.batches => {
-            Some(after.since(before))
-        }
+        (Some(before), Some(after)) if after.batches >= before.batches => Some(after.since(before)),
         _ => None,
     };
 

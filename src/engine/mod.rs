@@ -6,7 +6,6 @@
 //! expiry, notify) or undo it in memory and answer `UNAVAILABLE`. Releases keep their
 //! tickets held until the commit is done, so a failed commit never hands tickets out twice.
 
-pub mod expiry;
 pub mod idempotency;
 pub mod notify;
 pub mod payments;
@@ -17,9 +16,9 @@ use std::time::Duration;
 use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
 use crate::core::{Clock, PaymentId, ReservationId, TicketTypeId, UserId};
+use crate::expiry::Expiry;
 use crate::store::writer::Writer;
 use crate::store::{Change, PaymentRecord, Store, StoreError};
-use expiry::Expiry;
 use idempotency::{IdempotencyKeys, Idempotent, KeyedCall};
 use notify::Notifier;
 use payments::{PaymentAdapter, PaymentError};

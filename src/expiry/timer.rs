@@ -1,7 +1,6 @@
-//! Expiry: the port that is told when each pending reservation falls due, and the
-//! in-process timer behind it for the embedded default. Whatever the source (timer, Redis
-//! key event, sweeper), a due reservation comes out of one channel, and releasing it is
-//! idempotent, so two sources never release twice.
+//! The in-process timer behind the expiry port, for the embedded default (no Redis): a
+//! time-ordered set and a task woken by `Notify` when the earliest deadline changes (the
+//! mini-redis purge-task pattern).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -9,21 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::Expiry;
 use crate::core::{Clock, ReservationId, Timestamp};
-
-/// Due reservations waiting for the engine. A full channel makes the source wait; the
-/// sweeper catches anything a source had to give up on.
-pub const DUE_CAPACITY: usize = 4_096;
-
-/// Schedules and cancels expiries.
-pub trait Expiry: Send + Sync + 'static {
-    /// `id` falls due at `at` (now or in the past: at once).
-    fn schedule(&self, id: ReservationId, at: Timestamp);
-    /// `id` was paid or cancelled: it will not fall due.
-    fn cancel(&self, id: ReservationId);
-    /// For `/health`: `true` when expiries are being delivered.
-    fn healthy(&self) -> bool;
-}
 
 #[derive(Default)]
 struct Schedule {
@@ -60,8 +46,7 @@ impl Schedule {
     }
 }
 
-/// The in-process timer: a time-ordered set and a task woken by `Notify` when the
-/// earliest deadline changes (the mini-redis purge-task pattern).
+/// The in-process timer.
 pub struct TimerExpiry {
     /// Short critical sections only (set inserts and removals), never across `.await`.
     schedule: Mutex<Schedule>,
