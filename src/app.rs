@@ -16,10 +16,10 @@ use crate::catalog::{EventDraft, FieldError};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
 use crate::core::{Clock, Event, ReservationId, SystemClock};
-use crate::engine::notify::Silent;
 use crate::engine::payments::TestPayments;
 use crate::engine::{Engine, EngineParts};
 use crate::expiry::{Deliveries, ExpiryStartError, DUE_CAPACITY};
+use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::methods;
@@ -43,6 +43,7 @@ pub struct App {
     pub store: Store,
     pub inventory: Arc<Inventory>,
     pub engine: Engine,
+    pub fanout: Arc<FanOut>,
     pub tokens: Tokens,
     pub passwords: Passwords,
     pub metrics: Arc<Metrics>,
@@ -101,6 +102,7 @@ impl App {
         let (writer, writer_task) =
             Writer::start(store.clone(), Arc::clone(&metrics), stop_writer.clone());
         let inventory = Arc::new(Inventory::new());
+        let fanout = FanOut::new(DEFAULT_WINDOW);
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
         let (due_tx, due_rx) = mpsc::channel(DUE_CAPACITY);
@@ -118,7 +120,7 @@ impl App {
             writer,
             expiry,
             payments: Arc::new(TestPayments),
-            notifier: Arc::new(Silent),
+            notifier: fanout.clone(),
             clock: Arc::clone(&clock),
             ttl: settings.reservation_ttl,
         });
@@ -142,11 +144,14 @@ impl App {
             store,
             inventory,
             engine,
+            fanout,
             metrics,
             clock,
             settings,
         });
         app.recover().await?;
+        app.background
+            .spawn(Arc::clone(&app.fanout).run(app.stop_background.clone()));
         app.background.spawn(expire_due(Arc::clone(&app), due_rx));
         app.background
             .spawn(sweep(Arc::clone(&app), due_tx, sweep_now));

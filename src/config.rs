@@ -122,6 +122,11 @@ pub struct Settings {
     #[arg(long, env = "TICKET_API_MAX_BATCH", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_batch: u32,
 
+    /// A WebSocket whose writes stall this long (the client stopped reading) is closed
+    /// with 1008.
+    #[arg(long, env = "TICKET_API_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, global = true)]
+    pub write_timeout: Duration,
+
     /// Long-poll: how long a GET waits for notifications.
     #[arg(long, env = "TICKET_API_POLL_TIMEOUT", default_value = "25s", value_parser = parse_positive_duration, global = true)]
     pub poll_timeout: Duration,

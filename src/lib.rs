@@ -10,6 +10,7 @@
 //! - [`engine`]: the reservation lifecycle over the core, with the write-behind writer and
 //!   the expiry, payment and notification ports.
 //! - [`expiry`]: when pending reservations fall due: Redis key TTLs or an in-process timer.
+//! - [`fanout`]: subscriptions, coalesced `pool.update`s and per-connection outboxes.
 //! - [`store`]: PostgreSQL or SQLite through sqlx, and the group-commit writer.
 //! - [`auth`]: Argon2id password hashes and HS256 JWTs.
 //! - [`app`]: the wiring, the only place that knows the concrete implementations.
@@ -25,6 +26,7 @@ pub mod core;
 pub mod demo;
 pub mod engine;
 pub mod expiry;
+pub mod fanout;
 pub mod metrics;
 pub mod rpc;
 pub mod server;

@@ -2,15 +2,17 @@
 //! `/rpc` request. It carries who is logged in and the call-rate budget, so every method
 //! behaves the same whatever the transport.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::error::{AuthFailure, RpcError};
-use crate::core::{Role, Timestamp, User, UserId};
+use crate::core::{EventId, Role, Timestamp, User, UserId};
+use crate::fanout::{FanOut, Outbox, SubscriptionId};
 
 /// Which transport a session came in by; some methods need a push channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +55,52 @@ enum Identity {
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// Most live subscriptions one connection or session may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 100;
+
+/// What a transport that can push (WebSocket, long-poll) adds to a session: its outbox,
+/// its subscriptions, and its place among its user's connections.
+pub struct Push {
+    pub outbox: Arc<Outbox>,
+    fanout: Arc<FanOut>,
+    /// Held only to insert, remove or take; never across `.await`.
+    subscriptions: Mutex<HashMap<SubscriptionId, EventId>>,
+}
+
+impl Push {
+    pub fn new(fanout: Arc<FanOut>, outbox: Arc<Outbox>) -> Self {
+        Self {
+            outbox,
+            fanout,
+            subscriptions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<SubscriptionId, EventId>> {
+        self.subscriptions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes to an event's pool updates, or `None` at the subscription limit.
+    pub fn subscribe(&self, event_id: EventId) -> Option<SubscriptionId> {
+        let mut subscriptions = self.subscriptions();
+        if subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            return None;
+        }
+        let id = self.fanout.subscribe(event_id, &self.outbox);
+        subscriptions.insert(id, event_id);
+        Some(id)
+    }
+
+    /// Ends a subscription of this session; an unknown one is already ended.
+    pub fn unsubscribe(&self, id: SubscriptionId) {
+        let removed = self.subscriptions().remove(&id);
+        if let Some(event_id) = removed {
+            self.fanout.unsubscribe(event_id, id);
+            self.outbox.forget(id);
+        }
+    }
+}
+
 /// One client's context.
 pub struct Session {
     /// Unique in this process, for logs.
@@ -61,10 +109,31 @@ pub struct Session {
     /// Guards only the identity; held for a clone or an assignment, never across `.await`.
     identity: Mutex<Identity>,
     limiter: Option<DefaultDirectRateLimiter>,
+    /// `None` on `/rpc`, which cannot push.
+    pub push: Option<Push>,
+}
+
+impl Drop for Session {
+    /// A closed connection or expired session leaves no subscription or binding behind.
+    fn drop(&mut self) {
+        let Some(push) = &self.push else { return };
+        let subscriptions: Vec<(SubscriptionId, EventId)> = push.subscriptions().drain().collect();
+        for (id, event_id) in subscriptions {
+            push.fanout.unsubscribe(event_id, id);
+        }
+        if let Identity::Bound(principal) = &*self.identity() {
+            push.fanout.detach(principal.user.id, self.id);
+        }
+    }
 }
 
 impl Session {
+    /// A session that cannot push (`/rpc`).
     pub fn new(transport: Transport, rate: Option<(u32, u32)>) -> Self {
+        Self::with_push(transport, rate, None)
+    }
+
+    pub fn with_push(transport: Transport, rate: Option<(u32, u32)>, push: Option<Push>) -> Self {
         let limiter = rate.map(|(per_second, burst)| {
             let per_second = NonZeroU32::new(per_second.max(1)).expect("at least 1");
             let burst = NonZeroU32::new(burst.max(1)).expect("at least 1");
@@ -75,6 +144,7 @@ impl Session {
             transport,
             identity: Mutex::new(Identity::Anonymous),
             limiter,
+            push,
         }
     }
 
@@ -83,8 +153,17 @@ impl Session {
         self.identity.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Binds the session to a user: later calls act as them, and their reservation
+    /// updates reach this session.
     pub fn bind(&self, principal: Principal) {
-        *self.identity() = Identity::Bound(principal);
+        let user = principal.user.id;
+        let previous = std::mem::replace(&mut *self.identity(), Identity::Bound(principal));
+        if let Some(push) = &self.push {
+            if let Identity::Bound(old) = previous {
+                push.fanout.detach(old.user.id, self.id);
+            }
+            push.fanout.attach(user, self.id, &push.outbox);
+        }
     }
 
     /// Records that the credentials presented with a stateless request were unusable.
@@ -93,7 +172,10 @@ impl Session {
     }
 
     pub fn unbind(&self) {
-        *self.identity() = Identity::Anonymous;
+        let previous = std::mem::replace(&mut *self.identity(), Identity::Anonymous);
+        if let (Some(push), Identity::Bound(old)) = (&self.push, previous) {
+            push.fanout.detach(old.user.id, self.id);
+        }
     }
 
     /// The logged-in user, or why there is none. An expired binding counts as none.

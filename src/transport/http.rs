@@ -48,7 +48,7 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
         tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
         Ok(Ok(()))
     );
-    let expiry = true;
+    let expiry = app.engine.expiry().healthy();
     let status = if storage && expiry { "ok" } else { "degraded" };
     let part = |ok: bool| if ok { "ok" } else { "down" };
     let code = if storage && expiry {

@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::fanout::Outbox;
 use crate::rpc::methods::auth::verify_token;
+use crate::rpc::session::Push;
 use crate::rpc::{Ctx, Principal, RpcError, Session, Transport};
 
 /// Close codes of PROTOCOL §2.
@@ -30,9 +32,14 @@ pub mod close {
 }
 
 const PING_EVERY: Duration = Duration::from_secs(25);
-/// Messages waiting for the writer; a reader that finds it full waits, which stops it from
+/// Answers waiting for the writer; a reader that finds it full waits, which stops it from
 /// reading more calls from a client that does not read its answers.
-const OUTBOX_CAPACITY: usize = 64;
+const RESPONSE_CAPACITY: usize = 64;
+/// Notifications (after merging pool updates) waiting for the writer; over it the
+/// connection is closed with 1008.
+const NOTIFICATION_CAPACITY: usize = 1_024;
+/// How long a closing connection may take to accept its close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Small buffers keep an idle connection cheap (~6 KiB instead of ~134 KiB).
 const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 4 * 1024;
@@ -96,9 +103,12 @@ async fn serve(
     principal: Option<Principal>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let session = Arc::new(Session::new(
+    let outbox = Outbox::new(NOTIFICATION_CAPACITY);
+    let push = Push::new(Arc::clone(&app.fanout), Arc::clone(&outbox));
+    let session = Arc::new(Session::with_push(
         Transport::WebSocket,
         Some((app.settings.rate_limit, app.settings.rate_burst)),
+        Some(push),
     ));
     if let Some(principal) = principal {
         session.bind(principal);
@@ -107,26 +117,34 @@ async fn serve(
     tracing::info!(session = id, %peer, "websocket open");
     app.metrics.connection_opened("ws");
     let (sink, stream) = socket.split();
-    let (outbox, queue) = mpsc::channel(OUTBOX_CAPACITY);
+    let (responses, queue) = mpsc::channel(RESPONSE_CAPACITY);
     let missed = Arc::new(AtomicU32::new(0));
     let writer_done = CancellationToken::new();
     let writer = tokio::spawn({
-        let (missed, done) = (Arc::clone(&missed), writer_done.clone());
+        let writer = Writer {
+            sink,
+            responses: queue,
+            outbox,
+            missed: Arc::clone(&missed),
+            write_timeout: app.settings.write_timeout,
+        };
+        let done = writer_done.clone();
         async move {
-            write_loop(sink, queue, missed).await;
+            let (code, reason) = writer.run().await;
             done.cancel();
+            (code, reason)
         }
     });
     let ctx = Ctx {
         app: Arc::clone(&app),
         session,
     };
-    let why = read_loop(&ctx, stream, &outbox, &missed, &writer_done).await;
-    let _ = outbox.send(Outgoing::Close(why.0, why.1)).await;
-    drop(outbox);
-    let _ = writer.await;
+    let why = read_loop(&ctx, stream, &responses, &missed, &writer_done).await;
+    let _ = responses.send(Outgoing::Close(why.0, why.1)).await;
+    drop(responses);
+    let (code, reason) = writer.await.unwrap_or((why.0, why.1));
     app.metrics.connection_closed("ws");
-    tracing::info!(session = id, %peer, code = why.0, reason = why.1, "websocket closed");
+    tracing::info!(session = id, %peer, code, reason, "websocket closed");
 }
 
 /// Reads and runs calls until the peer leaves, breaks the rules or the server stops.
@@ -134,7 +152,7 @@ async fn serve(
 async fn read_loop(
     ctx: &Ctx,
     mut stream: SplitStream<WebSocket>,
-    outbox: &mpsc::Sender<Outgoing>,
+    responses: &mpsc::Sender<Outgoing>,
     missed: &AtomicU32,
     writer_done: &CancellationToken,
 ) -> (u16, &'static str) {
@@ -160,7 +178,7 @@ async fn read_loop(
             return (close::MESSAGE_TOO_BIG, "message too big");
         }
         if let Some(response) = ctx.app.dispatcher.handle_message(ctx, text.as_str()).await {
-            if outbox.send(Outgoing::Text(response)).await.is_err() {
+            if responses.send(Outgoing::Text(response)).await.is_err() {
                 return (1000, "writer gone");
             }
         }
@@ -177,40 +195,84 @@ fn close_for(error: axum::Error) -> (u16, &'static str) {
     }
 }
 
-/// Sends what the reader queues, pings every 25 s, and gives up on a peer that has left
-/// two pings unanswered (`missed` is reset by the reader whenever anything arrives).
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Outgoing>,
+/// The writing half of a connection: answers, notifications and pings.
+struct Writer {
+    sink: SplitSink<WebSocket, Message>,
+    responses: mpsc::Receiver<Outgoing>,
+    outbox: Arc<Outbox>,
+    /// Pings sent since the peer last sent anything (reset by the reader).
     missed: Arc<AtomicU32>,
-) {
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.tick().await;
-    let (code, reason) = loop {
-        tokio::select! {
-            message = queue.recv() => match message {
-                Some(Outgoing::Text(text)) => {
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        return;
+    write_timeout: Duration,
+}
+
+/// Why a send did not complete.
+enum SendFailed {
+    /// The peer stopped reading: the write stalled past the timeout.
+    Stalled,
+    /// The connection is gone.
+    Broken,
+}
+
+impl Writer {
+    /// Runs until the reader asks for a close, the peer is gone or too slow, or misses two
+    /// pings; sends the close frame and returns its code and reason.
+    async fn run(mut self) -> (u16, &'static str) {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let outbox = Arc::clone(&self.outbox);
+        let ended = loop {
+            let sent = tokio::select! {
+                // Answers first: the caller is waiting for them.
+                biased;
+                message = self.responses.recv() => match message {
+                    Some(Outgoing::Text(text)) => self.send(Message::Text(text.into())).await,
+                    Some(Outgoing::Close(code, reason)) => break (code, reason),
+                    None => break (1000, ""),
+                },
+                () = outbox.wait() => {
+                    if outbox.overflowed() {
+                        break (close::POLICY_VIOLATION, "too many undelivered notifications");
                     }
+                    self.send_notifications().await
                 }
-                Some(Outgoing::Close(code, reason)) => break (code, reason),
-                None => break (1000, ""),
-            },
-            _ = ping.tick() => {
-                if missed.fetch_add(1, Ordering::Relaxed) >= 2 {
-                    break (close::POLICY_VIOLATION, "ping timeout");
+                _ = ping.tick() => {
+                    if self.missed.fetch_add(1, Ordering::Relaxed) >= 2 {
+                        break (close::POLICY_VIOLATION, "ping timeout");
+                    }
+                    self.send(Message::Ping(Default::default())).await
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return;
-                }
+            };
+            match sent {
+                Ok(()) => {}
+                Err(SendFailed::Stalled) => break (close::POLICY_VIOLATION, "client too slow"),
+                Err(SendFailed::Broken) => return (1006, "connection lost"),
             }
+        };
+        let frame = CloseFrame {
+            code: ended.0,
+            reason: Utf8Bytes::from_static(ended.1),
+        };
+        // A stalled peer gets a while longer to take the close frame, then is dropped.
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            let _ = self.sink.send(Message::Close(Some(frame))).await;
+            let _ = self.sink.close().await;
+        })
+        .await;
+        ended
+    }
+
+    async fn send_notifications(&mut self) -> Result<(), SendFailed> {
+        for text in self.outbox.drain() {
+            self.send(Message::Text(text.into())).await?;
         }
-    };
-    let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    };
-    let _ = sink.send(Message::Close(Some(frame))).await;
-    let _ = sink.close().await;
+        Ok(())
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), SendFailed> {
+        match tokio::time::timeout(self.write_timeout, self.sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendFailed::Broken),
+            Err(_) => Err(SendFailed::Stalled),
+        }
+    }
 }

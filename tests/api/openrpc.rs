@@ -8,9 +8,6 @@ use ticket_api::app::OPENRPC;
 
 use crate::harness::{event_params, with_app, Backend, TestApp};
 
-/// Methods of the contract that later work implements. Shrinks to empty.
-const NOT_YET_IMPLEMENTED: &[&str] = &["pool.subscribe", "pool.unsubscribe"];
-
 pub fn document() -> Value {
     serde_json::from_str(OPENRPC).unwrap()
 }

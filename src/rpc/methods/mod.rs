@@ -3,6 +3,7 @@
 pub mod auth;
 mod catalog;
 mod discover;
+mod pool;
 mod reservations;
 
 use super::dispatch::Methods;
@@ -13,6 +14,7 @@ pub fn all() -> Methods {
     auth::register(&mut methods);
     catalog::register(&mut methods);
     discover::register(&mut methods);
+    pool::register(&mut methods);
     reservations::register(&mut methods);
     methods
 }

@@ -1,0 +1,194 @@
+//! Fan-out: live availability (`pool.update`) to subscribers and `reservation.updated` to
+//! every connection of a reservation's owner (PROTOCOL §6).
+//!
+//! The engine reports committed changes through the [`Notifier`] port; reporting a pool
+//! change only records it (a few map operations) and wakes the flusher. The flusher task
+//! sends, at most every `window`, the latest state of each changed event to its
+//! subscribers' outboxes, so a burst of reservations becomes one update per subscriber and
+//! nothing is ever sent on the reserver's time.
+
+pub mod outbox;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::inventory::PoolState;
+use crate::core::reservation::Reservation;
+use crate::core::{EventId, TicketTypeId, UserId};
+use crate::engine::notify::Notifier;
+use crate::rpc::types::ReservationJson;
+use crate::rpc::wire::Notification;
+pub use outbox::Outbox;
+
+/// Identifies one subscription of one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SubscriptionId(pub u64);
+
+impl fmt::Display for SubscriptionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sub-{}", self.0)
+    }
+}
+
+impl std::str::FromStr for SubscriptionId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        s.strip_prefix("sub-")
+            .and_then(|n| n.parse().ok())
+            .map(Self)
+            .ok_or(())
+    }
+}
+
+/// The longest a pool change waits before it is sent (PROTOCOL §6 allows 100 ms).
+pub const DEFAULT_WINDOW: Duration = Duration::from_millis(50);
+
+/// Subscriptions, owners' connections and changes not yet sent. See the module doc.
+pub struct FanOut {
+    /// Each event's subscriptions. A guard is held only to insert, remove or copy them out.
+    subscribers: DashMap<EventId, HashMap<SubscriptionId, Arc<Outbox>>>,
+    /// Each user's logged-in connections, by session id.
+    owners: DashMap<UserId, HashMap<u64, Arc<Outbox>>>,
+    /// Changed pools not yet sent: the latest state per ticket type, per event.
+    dirty: Mutex<HashMap<EventId, HashMap<TicketTypeId, PoolState>>>,
+    wake: Notify,
+    window: Duration,
+    next_subscription: AtomicU64,
+}
+
+impl FanOut {
+    pub fn new(window: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            subscribers: DashMap::new(),
+            owners: DashMap::new(),
+            dirty: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            window,
+            next_subscription: AtomicU64::new(1),
+        })
+    }
+
+    /// Adds a subscription to an event's pool updates.
+    pub fn subscribe(&self, event_id: EventId, outbox: &Arc<Outbox>) -> SubscriptionId {
+        let id = SubscriptionId(self.next_subscription.fetch_add(1, Ordering::Relaxed));
+        self.subscribers
+            .entry(event_id)
+            .or_default()
+            .insert(id, Arc::clone(outbox));
+        id
+    }
+
+    pub fn unsubscribe(&self, event_id: EventId, id: SubscriptionId) {
+        self.subscribers
+            .remove_if_mut(&event_id, |_, subscriptions| {
+                subscriptions.remove(&id);
+                subscriptions.is_empty()
+            });
+    }
+
+    /// Registers a logged-in connection, so its user's reservation updates reach it.
+    pub fn attach(&self, user: UserId, session: u64, outbox: &Arc<Outbox>) {
+        self.owners
+            .entry(user)
+            .or_default()
+            .insert(session, Arc::clone(outbox));
+    }
+
+    pub fn detach(&self, user: UserId, session: u64) {
+        self.owners.remove_if_mut(&user, |_, sessions| {
+            sessions.remove(&session);
+            sessions.is_empty()
+        });
+    }
+
+    /// Subscriptions open, for metrics and tests.
+    pub fn subscription_count(&self) -> usize {
+        self.subscribers.iter().map(|e| e.value().len()).sum()
+    }
+
+    /// Sends pending pool changes, at most once per window, until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut last = Instant::now() - self.window;
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = stop.cancelled() => return,
+            }
+            // Changes arriving within the window ride along with this one.
+            tokio::time::sleep_until(last + self.window).await;
+            last = Instant::now();
+            self.flush();
+        }
+    }
+
+    /// Hands every pending change to the subscribers' outboxes.
+    pub fn flush(&self) {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
+        for (event_id, changed) in dirty {
+            let mut pools: Vec<PoolState> = changed.into_values().collect();
+            pools.sort_by_key(|p| p.ticket_type_id);
+            // Copy the subscriptions out so no map guard is held while pushing.
+            let subscriptions: Vec<(SubscriptionId, Arc<Outbox>)> =
+                match self.subscribers.get(&event_id) {
+                    Some(subs) => subs
+                        .iter()
+                        .map(|(id, outbox)| (*id, Arc::clone(outbox)))
+                        .collect(),
+                    None => continue,
+                };
+            for (id, outbox) in subscriptions {
+                outbox.push_pools(id, event_id, &pools);
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ReservationUpdated {
+    reservation: ReservationJson,
+}
+
+impl Notifier for FanOut {
+    fn pools_changed(&self, event_id: EventId, pools: &[PoolState]) {
+        {
+            let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+            let event = dirty.entry(event_id).or_default();
+            for pool in pools {
+                let newer = event
+                    .get(&pool.ticket_type_id)
+                    .is_none_or(|known| known.version < pool.version);
+                if newer {
+                    event.insert(pool.ticket_type_id, *pool);
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn reservation_updated(&self, reservation: &Reservation) {
+        let outboxes: Vec<Arc<Outbox>> = match self.owners.get(&reservation.user_id) {
+            Some(sessions) => sessions.values().cloned().collect(),
+            None => return,
+        };
+        let params = ReservationUpdated {
+            reservation: ReservationJson::from(reservation),
+        };
+        let text: Arc<str> =
+            serde_json::to_string(&Notification::new("reservation.updated", params))
+                .expect("serializable")
+                .into();
+        for outbox in outboxes {
+            outbox.push_event(Arc::clone(&text));
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! `pool.subscribe` and `pool.unsubscribe` (WebSocket and long-poll only).
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::EventId;
+use crate::fanout::SubscriptionId;
+use crate::rpc::dispatch::{Ctx, Methods};
+use crate::rpc::session::{Push, MAX_SUBSCRIPTIONS};
+use crate::rpc::types::{parse_id, PoolJson};
+use crate::rpc::RpcError;
+
+pub fn register(methods: &mut Methods) {
+    methods.register("pool.subscribe", subscribe);
+    methods.register("pool.unsubscribe", unsubscribe);
+}
+
+fn push(ctx: &Ctx) -> Result<&Push, RpcError> {
+    ctx.session
+        .push
+        .as_ref()
+        .ok_or(RpcError::TransportUnsupported)
+}
+
+#[derive(Debug, Deserialize)]
+struct SubscribeParams {
+    event_id: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Subscribed {
+    subscription: String,
+    event_id: String,
+    pools: Vec<PoolJson>,
+}
+
+async fn subscribe(ctx: Ctx, params: SubscribeParams) -> Result<Subscribed, RpcError> {
+    let push = push(&ctx)?;
+    let event_id: EventId = parse_id(&params.event_id)?;
+    if ctx.app.inventory.pools(event_id).is_none() {
+        return Err(RpcError::NotFound);
+    }
+    let subscription = push.subscribe(event_id).ok_or_else(|| {
+        RpcError::invalid_params(
+            "event_id",
+            format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
+        )
+    })?;
+    // The snapshot is taken after subscribing, so no change can fall between the two; an
+    // update older than the snapshot is recognised by its version.
+    let pools = ctx
+        .app
+        .inventory
+        .pools(event_id)
+        .ok_or(RpcError::NotFound)?;
+    Ok(Subscribed {
+        subscription: subscription.to_string(),
+        event_id: event_id.to_string(),
+        pools: pools.iter().map(PoolJson::from).collect(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct UnsubscribeParams {
+    subscription: String,
+}
+
+/// Ending a subscription that is not (or no longer) open succeeds: the client's intent holds.
+async fn unsubscribe(ctx: Ctx, params: UnsubscribeParams) -> Result<bool, RpcError> {
+    let push = push(&ctx)?;
+    if let Ok(id) = params.subscription.parse::<SubscriptionId>() {
+        push.unsubscribe(id);
+    }
+    Ok(true)
+}
