@@ -4,6 +4,7 @@
 //! reservation comes out of one channel, and releasing it is idempotent, so two sources
 //! never release twice.
 
+pub mod redis;
 pub mod timer;
 
 use crate::core::{ReservationId, Timestamp};
@@ -56,9 +57,11 @@ pub async fn start(
     tasks: &TaskTracker,
 ) -> Result<Arc<dyn Expiry>, ExpiryStartError> {
     match &settings.redis_url {
-        Some(_url) => Err(ExpiryStartError::Redis(
-            "Redis expiry is not available yet".into(),
-        )),
+        Some(url) => {
+            let (redis, queue) = redis::RedisExpiry::new(url, &settings.redis_prefix, clock)?;
+            tasks.spawn(Arc::clone(&redis).run(queue, deliveries));
+            Ok(redis)
+        }
         None => {
             let timer = timer::TimerExpiry::new(clock);
             tasks.spawn(Arc::clone(&timer).run(deliveries.due, deliveries.stop));

@@ -342,6 +342,34 @@ impl WsClient {
         self.response(&id).await
     }
 
+    /// The next server notification of `method` (kept aside earlier, or arriving now).
+    pub async fn notification(&mut self, method: &str) -> Value {
+        if let Some(at) = self
+            .notifications
+            .iter()
+            .position(|n| n["method"] == method)
+        {
+            return self.notifications.remove(at);
+        }
+        loop {
+            let message = self
+                .next_text()
+                .await
+                .expect("connection closed while waiting for a notification");
+            if message["method"] == method {
+                return message;
+            }
+            self.notifications.push(message);
+        }
+    }
+
+    /// Asserts that nothing arrives for `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Ok(Some(Ok(message))) = tokio::time::timeout(wait, self.socket.next()).await {
+            panic!("expected no message, got {message:?}");
+        }
+    }
+
     /// One call that must succeed; returns its result.
     pub async fn ok(&mut self, method: &str, params: Value) -> Value {
         let response = self.call(method, params).await;
@@ -641,4 +669,70 @@ pub fn assert_reservation_shape(reservation: &Value) {
     assert_eq!(reservation["total"]["amount"], json!(sum), "{reservation}");
     millis(&reservation["created_at"]);
     millis(&reservation["expires_at"]);
+}
+
+/// The shared Redis the expiry tests use.
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Whether Redis answers `PING` at `addr` (`host:port`) within a second.
+pub async fn redis_answers(addr: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ping = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"PING\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reply = [0u8; 7];
+        stream
+            .read_exact(&mut reply)
+            .await
+            .map_err(|e| e.to_string())?;
+        if &reply == b"+PONG\r\n" {
+            Ok(())
+        } else {
+            Err(format!(
+                "unexpected reply {:?}",
+                String::from_utf8_lossy(&reply)
+            ))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), ping)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 1 s".to_owned()))
+}
+
+/// Whether the shared Redis at 127.0.0.1:6379 is there; when it is not, the test is
+/// skipped loudly, or fails under `TICKET_API_REQUIRE_SERVICES=1`.
+pub async fn redis_available() -> bool {
+    match redis_answers("127.0.0.1:6379").await {
+        Ok(()) => true,
+        Err(error) => {
+            if services_required() {
+                panic!(
+                    "Redis is required (TICKET_API_REQUIRE_SERVICES=1) but unreachable: {error}"
+                );
+            }
+            eprintln!("\n*** SKIPPED: Redis at 127.0.0.1:6379 is unreachable ({error}) ***\n");
+            false
+        }
+    }
+}
+
+/// Whether a `redis-server` binary is on the PATH (for tests that run their own); when it
+/// is not, the test is skipped loudly, or fails under `TICKET_API_REQUIRE_SERVICES=1`.
+pub fn redis_server_binary_available() -> bool {
+    match std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+    {
+        Ok(output) if output.status.success() => true,
+        outcome => {
+            if services_required() {
+                panic!("redis-server is required (TICKET_API_REQUIRE_SERVICES=1) but cannot run: {outcome:?}");
+            }
+            eprintln!("\n*** SKIPPED: no runnable redis-server on the PATH ({outcome:?}) ***\n");
+            false
+        }
+    }
 }

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod jsonrpc;
 mod limits;
+mod live;
 mod malformed;
 mod openrpc;
 mod payments;

@@ -1,0 +1,489 @@
+//! Expiry through Redis: each pending reservation is a key `<prefix>reservation:<id>` with a
+//! TTL, and Redis announces its end on `__keyevent@<db>__:expired`.
+//!
+//! Two connections, both reconnecting forever with backoff, so a Redis that is down when
+//! the server starts (or later) never stops it: meanwhile the sweeper releases overdue
+//! reservations, and `/health` reports expiry down.
+//! - The command connection writes the keys. [`Expiry::schedule`] and [`Expiry::cancel`]
+//!   run on the reserve path, so they only push onto a bounded queue; one task drains it in
+//!   order and sends what has queued as one pipeline. A full queue drops the command with a
+//!   warning: a missed `SET` is covered by the sweeper, a missed `DEL` only costs a no-op
+//!   expiry.
+//! - The subscriber connection listens for expired keys. After every (re)connection it
+//!   makes sure the server publishes them (`notify-keyspace-events` with at least `Ex`,
+//!   keeping the flags already set), subscribes again, and asks for a sweep: notifications
+//!   are fire-and-forget, so those sent while it was away are lost.
+//!
+//! A notification is only a hint: the engine releases a reservation only if it is still
+//! pending and due, and keys of other prefixes (other servers sharing this Redis) or that
+//! do not name a reservation are ignored.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, ConfigInterface, EventInterface, Expiration,
+    KeysInterface, PubsubInterface, ReconnectPolicy, ServerConfig, Value,
+};
+use fred::types::{ConnectHandle, KeyspaceEvent};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Deliveries, Expiry, ExpiryStartError};
+use crate::core::{Clock, ReservationId, Timestamp};
+
+/// Key commands waiting for the command connection. Beyond this, commands are dropped
+/// (see the module doc); while Redis is down the queue fills up and then drops.
+const QUEUE_CAPACITY: usize = 32_768;
+/// Most commands sent in one pipeline.
+const PIPELINE_MAX: usize = 1_024;
+/// How long one pipeline or one subscriber step may take before it counts as failed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff: 50 ms doubling up to 2 s, forever (0 attempts = no limit).
+const RECONNECT_MIN_MS: u32 = 50;
+const RECONNECT_MAX_MS: u32 = 2_000;
+/// Keyspace events buffered between the connection and the listener; an overflow loses
+/// some, which the listener notices and answers with a sweep.
+const EVENT_BUFFER: usize = 16_384;
+/// How soon a failed resubscription is tried again when no reconnection comes first.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
+/// How often the key writer looks again while the command connection is down.
+const RECONNECT_POLL: Duration = Duration::from_millis(50);
+/// How long quitting a client may take at shutdown.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A change to one reservation's key, in the order the engine asked for it.
+#[derive(Debug, Clone, Copy)]
+enum KeyCommand {
+    /// `SET key 1 PX <ms until at>`, the TTL computed when sent.
+    Set { id: ReservationId, at: Timestamp },
+    /// `DEL key`.
+    Delete(ReservationId),
+}
+
+/// The receiving end of the key queue, handed to [`RedisExpiry::run`].
+pub struct KeyQueue(mpsc::Receiver<KeyCommand>);
+
+/// The Redis expiry.
+pub struct RedisExpiry {
+    queue: mpsc::Sender<KeyCommand>,
+    /// Commands dropped because the queue was full, for throttled warnings.
+    dropped: AtomicU64,
+    /// `<prefix>reservation:`: every key this server writes starts with it.
+    key_prefix: String,
+    /// `__keyevent@<db>__:expired`.
+    channel: String,
+    commands: Client,
+    subscriber: Client,
+    /// The subscriber is subscribed on its current connection. Cleared at every
+    /// reconnection until the subscription is made again.
+    subscribed: AtomicBool,
+    clock: Arc<dyn Clock>,
+}
+
+impl RedisExpiry {
+    /// Parses the URL and builds both clients; nothing connects before [`run`](Self::run).
+    /// Only a URL that cannot work is an error, never an unreachable server.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Arc<Self>, KeyQueue), ExpiryStartError> {
+        let config = Config::from_url(url)
+            .map_err(|e| ExpiryStartError::Redis(format!("invalid REDIS_URL: {}", e.details())))?;
+        if url.starts_with("rediss://") {
+            return Err(ExpiryStartError::Redis(
+                "rediss:// (TLS) is not supported by this build; use redis://".into(),
+            ));
+        }
+        if !matches!(config.server, ServerConfig::Centralized { .. }) {
+            return Err(ExpiryStartError::Redis(
+                "only a single Redis server is supported, not a cluster or sentinels".into(),
+            ));
+        }
+        let db = config.database.unwrap_or(0);
+        let commands = build_client(&config, 32)?;
+        let subscriber = build_client(&config, EVENT_BUFFER)?;
+        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let expiry = Arc::new(Self {
+            queue,
+            dropped: AtomicU64::new(0),
+            key_prefix: format!("{prefix}reservation:"),
+            channel: format!("__keyevent@{db}__:expired"),
+            commands,
+            subscriber,
+            subscribed: AtomicBool::new(false),
+            clock,
+        });
+        Ok((expiry, KeyQueue(receiver)))
+    }
+
+    /// Connects both clients, writes keys and delivers expired ones until
+    /// `deliveries.stop` is cancelled, then quits both clients.
+    pub async fn run(self: Arc<Self>, queue: KeyQueue, deliveries: Deliveries) {
+        // Listen before connecting: the first connection is announced as a reconnection.
+        let reconnects = self.subscriber.reconnect_rx();
+        let events = self.subscriber.keyspace_event_rx();
+        let subscriber_task = self.subscriber.connect();
+        let commands_task = self.commands.connect();
+        tokio::join!(
+            self.write_keys(queue.0, &deliveries.stop),
+            self.listen(reconnects, events, &deliveries),
+        );
+        quit(&self.subscriber, subscriber_task).await;
+        quit(&self.commands, commands_task).await;
+    }
+
+    fn key(&self, id: ReservationId) -> String {
+        format!("{}{id}", self.key_prefix)
+    }
+
+    fn enqueue(&self, command: KeyCommand) {
+        match self.queue.try_send(command) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Warn at the 1st, 2nd, 4th, 8th… drop: visible, but not one line each.
+                if dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped,
+                        "Redis expiry queue full (is Redis slow or down?): key command dropped; \
+                         the sweeper releases reservations Redis misses"
+                    );
+                }
+            }
+            // Shutting down.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Drains the queue in order, a pipeline at a time, while the command connection is up.
+    async fn write_keys(&self, mut queue: mpsc::Receiver<KeyCommand>, stop: &CancellationToken) {
+        let mut batch = Vec::with_capacity(PIPELINE_MAX);
+        loop {
+            tokio::select! {
+                received = queue.recv_many(&mut batch, PIPELINE_MAX) => if received == 0 { return },
+                () = stop.cancelled() => return,
+            }
+            // Waiting here (not in fred's unbounded buffer) keeps memory bounded while
+            // Redis is down: our queue fills up and drops instead.
+            while !self.commands.is_connected() {
+                tokio::select! {
+                    () = tokio::time::sleep(RECONNECT_POLL) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+            self.send(&batch).await;
+            batch.clear();
+        }
+    }
+
+    async fn send(&self, batch: &[KeyCommand]) {
+        let pipeline = self.commands.pipeline();
+        let now = self.clock.now();
+        for command in batch {
+            // Queuing in the pipeline is local and cannot fail for a well-formed command.
+            let queued: Result<(), fred::error::Error> = match *command {
+                KeyCommand::Set { id, at } => {
+                    let ttl_ms = i64::try_from(now.until(at).as_millis())
+                        .unwrap_or(i64::MAX)
+                        .max(1);
+                    pipeline
+                        .set(self.key(id), 1, Some(Expiration::PX(ttl_ms)), None, false)
+                        .await
+                }
+                KeyCommand::Delete(id) => pipeline.del(self.key(id)).await,
+            };
+            if let Err(error) = queued {
+                tracing::warn!(%error, "could not queue a Redis key command");
+            }
+        }
+        match tokio::time::timeout(COMMAND_TIMEOUT, pipeline.try_all::<Value>()).await {
+            Ok(results) => {
+                let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+                if let Some(first) = failed.first() {
+                    tracing::warn!(failed = failed.len(), error = %first, "Redis refused expiry key commands; the sweeper covers them");
+                }
+            }
+            Err(_) => tracing::warn!(
+                commands = batch.len(),
+                "Redis did not answer expiry key commands in time; the sweeper covers them"
+            ),
+        }
+    }
+
+    /// Resubscribes after every (re)connection and turns expired keys into due reservations.
+    async fn listen(
+        &self,
+        mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+        mut events: broadcast::Receiver<KeyspaceEvent>,
+        deliveries: &Deliveries,
+    ) {
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = deliveries.stop.cancelled() => return,
+                reconnect = reconnects.recv() => match reconnect {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {
+                        retry_at = self.on_connected(deliveries).await;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                    retry_at = self.on_connected(deliveries).await;
+                }
+                event = events.recv() => match event {
+                    Ok(event) => {
+                        let Some(id) = self.reservation_of(&event) else { continue };
+                        tokio::select! {
+                            sent = deliveries.due.send(id) => if sent.is_err() { return },
+                            () = deliveries.stop.cancelled() => return,
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "fell behind on Redis expiry notifications; sweeping");
+                        deliveries.sweep_now.notify_one();
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+
+    /// Makes the fresh subscriber connection useful: key events on, subscribed, then a
+    /// sweep for what was missed meanwhile. On failure, says when to try again.
+    async fn on_connected(&self, deliveries: &Deliveries) -> Option<Instant> {
+        self.subscribed.store(false, Ordering::SeqCst);
+        let subscribed = tokio::select! {
+            subscribed = async {
+                self.enable_expired_events().await;
+                tokio::time::timeout(COMMAND_TIMEOUT, self.subscriber.subscribe(self.channel.as_str())).await
+            } => subscribed,
+            () = deliveries.stop.cancelled() => return None,
+        };
+        match subscribed {
+            Ok(Ok(())) => {
+                self.subscribed.store(true, Ordering::SeqCst);
+                tracing::info!(channel = %self.channel, "Redis expiry subscribed; sweeping for what was missed");
+                deliveries.sweep_now.notify_one();
+                None
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, channel = %self.channel, "could not subscribe to Redis expiry events; retrying");
+                Some(Instant::now() + RESUBSCRIBE_RETRY)
+            }
+            Err(_) => {
+                tracing::warn!(channel = %self.channel, "Redis did not answer SUBSCRIBE in time; retrying");
+                Some(Instant::now() + RESUBSCRIBE_RETRY)
+            }
+        }
+    }
+
+    /// `CONFIG GET` / merge / `CONFIG SET` of `notify-keyspace-events`, on the subscriber
+    /// connection before it subscribes. A refusal (managed Redis) is one warning: the
+    /// server may be configured already, and the sweeper releases regardless.
+    async fn enable_expired_events(&self) {
+        const PARAMETER: &str = "notify-keyspace-events";
+        let current = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            self.subscriber
+                .config_get::<std::collections::HashMap<String, String>, _>(PARAMETER),
+        )
+        .await;
+        let current = match current {
+            Ok(Ok(values)) => values.get(PARAMETER).cloned().unwrap_or_default(),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "Redis refused CONFIG GET {PARAMETER}: make sure it includes 'Ex', or expiries only happen through the sweeper (up to 5 s late)");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("Redis did not answer CONFIG GET {PARAMETER} in time");
+                return;
+            }
+        };
+        let Some(flags) = with_expired_events(&current) else {
+            return;
+        };
+        let set = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            self.subscriber.config_set(PARAMETER, flags.as_str()),
+        )
+        .await;
+        match set {
+            Ok(Ok(())) => {
+                tracing::info!(was = %current, now = %flags, "enabled Redis expired-key events ({PARAMETER})")
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, current = %current, "Redis refused CONFIG SET {PARAMETER} {flags}: set it to include 'Ex' on the server, or expiries only happen through the sweeper (up to 5 s late)")
+            }
+            Err(_) => tracing::warn!("Redis did not answer CONFIG SET {PARAMETER} in time"),
+        }
+    }
+
+    /// The reservation an expired key names, if the key is one of ours.
+    fn reservation_of(&self, event: &KeyspaceEvent) -> Option<ReservationId> {
+        if event.operation != "expired" {
+            return None;
+        }
+        let key = event.key.as_str()?;
+        let id = key.strip_prefix(self.key_prefix.as_str())?;
+        match id.parse() {
+            Ok(id) => Some(id),
+            Err(_) => {
+                tracing::debug!(
+                    key,
+                    "ignored an expired key under our prefix that names no reservation"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Expiry for RedisExpiry {
+    fn schedule(&self, id: ReservationId, at: Timestamp) {
+        self.enqueue(KeyCommand::Set { id, at });
+    }
+
+    fn cancel(&self, id: ReservationId) {
+        self.enqueue(KeyCommand::Delete(id));
+    }
+
+    fn healthy(&self) -> bool {
+        self.commands.is_connected()
+            && self.subscriber.is_connected()
+            && self.subscribed.load(Ordering::SeqCst)
+    }
+}
+
+/// A client that retries forever with backoff, also for its first connection.
+fn build_client(config: &Config, events: usize) -> Result<Client, ExpiryStartError> {
+    let mut config = config.clone();
+    config.fail_fast = false;
+    Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            RECONNECT_MIN_MS,
+            RECONNECT_MAX_MS,
+            2,
+        ))
+        .with_connection_config(|connection| {
+            connection.connection_timeout = COMMAND_TIMEOUT;
+            connection.internal_command_timeout = COMMAND_TIMEOUT;
+        })
+        .with_performance_config(|performance| {
+            performance.broadcast_channel_capacity = events;
+        })
+        .build()
+        .map_err(|e| ExpiryStartError::Redis(format!("invalid REDIS_URL: {}", e.details())))
+}
+
+/// Quits a client, and stops its connection task if quitting does not end it in time
+/// (quitting while it is waiting to reconnect may not).
+async fn quit(client: &Client, mut task: ConnectHandle) {
+    let _ = tokio::time::timeout(QUIT_TIMEOUT, client.quit()).await;
+    if tokio::time::timeout(QUIT_TIMEOUT, &mut task).await.is_err() {
+        task.abort();
+    }
+}
+
+/// The `notify-keyspace-events` flags that publish expired-key events on the keyevent
+/// channel (`E` + `x`), keeping those already set; `None` when they already do.
+fn with_expired_events(current: &str) -> Option<String> {
+    let keyevent = current.contains('E');
+    // `A` is the alias for every event class, `x` included.
+    let expired = current.contains('x') || current.contains('A');
+    if keyevent && expired {
+        return None;
+    }
+    let mut flags = current.to_owned();
+    if !keyevent {
+        flags.push('E');
+    }
+    if !expired {
+        flags.push('x');
+    }
+    Some(flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::SystemClock;
+
+    #[test]
+    fn expired_events_are_added_to_the_flags_already_set() {
+        assert_eq!(with_expired_events(""), Some("Ex".to_owned()));
+        assert_eq!(with_expired_events("Kg"), Some("KgEx".to_owned()));
+        assert_eq!(with_expired_events("xK"), Some("xKE".to_owned()));
+        assert_eq!(with_expired_events("E$"), Some("E$x".to_owned()));
+        assert_eq!(with_expired_events("xE"), None);
+        assert_eq!(with_expired_events("AKE"), None);
+    }
+
+    fn expiry(url: &str, prefix: &str) -> Arc<RedisExpiry> {
+        RedisExpiry::new(url, prefix, Arc::new(SystemClock))
+            .expect("valid URL")
+            .0
+    }
+
+    fn expired(key: &str) -> KeyspaceEvent {
+        KeyspaceEvent {
+            db: 0,
+            operation: "expired".into(),
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn only_expired_keys_of_our_prefix_naming_a_reservation_are_ours() {
+        let expiry = expiry("redis://127.0.0.1:6379", "ours:");
+        let id = ReservationId::new();
+        assert_eq!(
+            expiry.reservation_of(&expired(&format!("ours:reservation:{id}"))),
+            Some(id)
+        );
+        for key in [
+            format!("theirs:reservation:{id}"),
+            format!("ours:reservation:{id}x"),
+            "ours:reservation:not-an-id".to_owned(),
+            format!("ours:other:{id}"),
+            format!("{id}"),
+        ] {
+            assert_eq!(expiry.reservation_of(&expired(&key)), None, "{key}");
+        }
+        let mut evicted = expired(&format!("ours:reservation:{id}"));
+        evicted.operation = "evicted".into();
+        assert_eq!(expiry.reservation_of(&evicted), None);
+    }
+
+    #[test]
+    fn the_database_of_the_url_names_the_channel() {
+        assert_eq!(
+            expiry("redis://127.0.0.1:6379", "p:").channel,
+            "__keyevent@0__:expired"
+        );
+        assert_eq!(
+            expiry("redis://127.0.0.1:6379/3", "p:").channel,
+            "__keyevent@3__:expired"
+        );
+    }
+
+    #[test]
+    fn a_url_that_cannot_work_is_refused() {
+        for url in [
+            "redis://127.0.0.1:notaport",
+            "redis://127.0.0.1:6379/notadb",
+            "redis://",
+            "rediss://127.0.0.1:6379",
+        ] {
+            assert!(
+                RedisExpiry::new(url, "p:", Arc::new(SystemClock)).is_err(),
+                "{url}"
+            );
+        }
+    }
+}
