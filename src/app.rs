@@ -25,6 +25,7 @@ use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::methods;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
+use crate::transport::longpoll::LongPollSessions;
 
 /// The machine-readable contract, served by `rpc.discover`.
 pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
@@ -44,6 +45,7 @@ pub struct App {
     pub inventory: Arc<Inventory>,
     pub engine: Engine,
     pub fanout: Arc<FanOut>,
+    pub long_polls: LongPollSessions,
     pub tokens: Tokens,
     pub passwords: Passwords,
     pub metrics: Arc<Metrics>,
@@ -145,6 +147,7 @@ impl App {
             inventory,
             engine,
             fanout,
+            long_polls: LongPollSessions::default(),
             metrics,
             clock,
             settings,
@@ -153,6 +156,10 @@ impl App {
         app.background
             .spawn(Arc::clone(&app.fanout).run(app.stop_background.clone()));
         app.background.spawn(expire_due(Arc::clone(&app), due_rx));
+        app.background.spawn(LongPollSessions::expire_idle(
+            Arc::clone(&app),
+            app.stop_background.clone(),
+        ));
         app.background
             .spawn(sweep(Arc::clone(&app), due_tx, sweep_now));
         app.background.spawn(forget_old_keys(Arc::clone(&app)));

@@ -10,7 +10,7 @@ use axum::Router;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::app::App;
-use crate::transport::{http, ws};
+use crate::transport::{http, longpoll, ws};
 
 /// How long shutdown waits for open connections to finish their calls and close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,6 +22,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(http::index))
         .route("/ws", get(ws::upgrade))
         .route("/rpc", post(http::rpc))
+        .route("/lp", post(longpoll::open))
+        .route(
+            "/lp/{session}",
+            post(longpoll::call)
+                .get(longpoll::poll)
+                .delete(longpoll::close),
+        )
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .layer(DefaultBodyLimit::max(max_body))

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, ConfigInterface, EventInterface, Expiration,
-    KeysInterface, PubsubInterface, ReconnectPolicy, ServerConfig, Value,
+    Builder, Client, ClientInterface, ClientLike, Config, ConfigInterface, EventInterface,
+    Expiration, KeysInterface, PubsubInterface, ReconnectPolicy, ServerConfig, Value,
 };
 use fred::types::{ConnectHandle, KeyspaceEvent};
 use tokio::sync::broadcast::error::RecvError;
@@ -76,6 +76,8 @@ pub struct RedisExpiry {
     key_prefix: String,
     /// `__keyevent@<db>__:expired`.
     channel: String,
+    /// The subscriber connection's name in `CLIENT LIST`: `<prefix>expiry-events`.
+    subscriber_name: String,
     commands: Client,
     subscriber: Client,
     /// The subscriber is subscribed on its current connection. Cleared at every
@@ -113,6 +115,7 @@ impl RedisExpiry {
             dropped: AtomicU64::new(0),
             key_prefix: format!("{prefix}reservation:"),
             channel: format!("__keyevent@{db}__:expired"),
+            subscriber_name: format!("{prefix}expiry-events"),
             commands,
             subscriber,
             subscribed: AtomicBool::new(false),
@@ -259,6 +262,7 @@ impl RedisExpiry {
         self.subscribed.store(false, Ordering::SeqCst);
         let subscribed = tokio::select! {
             subscribed = async {
+                self.name_connection().await;
                 self.enable_expired_events().await;
                 tokio::time::timeout(COMMAND_TIMEOUT, self.subscriber.subscribe(self.channel.as_str())).await
             } => subscribed,
@@ -279,6 +283,21 @@ impl RedisExpiry {
                 tracing::warn!(channel = %self.channel, "Redis did not answer SUBSCRIBE in time; retrying");
                 Some(Instant::now() + RESUBSCRIBE_RETRY)
             }
+        }
+    }
+
+    /// `CLIENT SETNAME <prefix>expiry-events`, so an operator (or a test) can tell this
+    /// server's subscriber apart in `CLIENT LIST`. Best effort.
+    async fn name_connection(&self) {
+        let name: String = self
+            .subscriber_name
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .collect();
+        let named =
+            tokio::time::timeout(COMMAND_TIMEOUT, self.subscriber.client_setname(name)).await;
+        if let Ok(Err(error)) = named {
+            tracing::debug!(%error, "could not name the Redis expiry subscriber");
         }
     }
 

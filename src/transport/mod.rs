@@ -2,6 +2,7 @@
 //! and writes back what it returns.
 
 pub mod http;
+pub mod longpoll;
 pub mod ws;
 
 use axum::http::HeaderMap;

@@ -1,0 +1,275 @@
+//! The long-poll fallback (PROTOCOL §2): the same JSON-RPC and the same sessions as a
+//! WebSocket, for networks that block WebSockets. `POST /lp` opens a session; `POST
+//! /lp/{id}` runs calls in it; `GET /lp/{id}?cursor=N` waits for notifications with
+//! `seq > N`, acknowledging everything up to `N`; `DELETE /lp/{id}` closes it. A session
+//! expires `session_timeout` after its last request, or when its outbox overflows.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use dashmap::DashMap;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::fanout::Outbox;
+use crate::rpc::methods::auth::verify_token;
+use crate::rpc::session::Push;
+use crate::rpc::{Ctx, RpcError, Session, Transport};
+
+/// Notifications a session may hold unacknowledged; over it the session expires.
+const NOTIFICATION_CAPACITY: usize = 1_024;
+/// How often idle sessions are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// One long-poll session.
+struct LongPoll {
+    session: Arc<Session>,
+    outbox: Arc<Outbox>,
+    /// When the last request on it began or ended.
+    last_seen: Mutex<Instant>,
+    /// Bumped by every GET, so a newer GET can answer an older one at once.
+    poll_generation: AtomicU64,
+    preempt: Notify,
+}
+
+impl LongPoll {
+    fn touch(&self) {
+        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle_since(&self) -> Instant {
+        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The open sessions, by their unguessable id.
+#[derive(Default)]
+pub struct LongPollSessions {
+    sessions: DashMap<String, Arc<LongPoll>>,
+}
+
+impl LongPollSessions {
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<LongPoll>> {
+        self.sessions.get(id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    fn remove(&self, app: &App, id: &str, why: &'static str) -> bool {
+        match self.sessions.remove(id) {
+            Some((_, lp)) => {
+                app.metrics.connection_closed("longpoll");
+                tracing::info!(session = lp.session.id, why, "long-poll session closed");
+                // A waiting GET ends now rather than at its timeout.
+                lp.poll_generation.fetch_add(1, Ordering::SeqCst);
+                lp.preempt.notify_waiters();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Expires sessions idle past the timeout, until `stop`.
+    pub async fn expire_idle(app: Arc<App>, stop: CancellationToken) {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let timeout = app.settings.session_timeout;
+            let idle: Vec<String> = app
+                .long_polls
+                .sessions
+                .iter()
+                .filter(|entry| entry.value().idle_since().elapsed() > timeout)
+                .map(|entry| entry.key().clone())
+                .collect();
+            for id in idle {
+                app.long_polls
+                    .remove(&app, &id, "idle past the session timeout");
+            }
+        }
+    }
+}
+
+fn gone() -> Response {
+    (
+        StatusCode::GONE,
+        axum::Json(json!({"error": "SESSION_EXPIRED"})),
+    )
+        .into_response()
+}
+
+/// `POST /lp`: opens a session, bound to the Bearer token's user if one is given.
+pub async fn open(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let principal = match super::bearer_token(&headers) {
+        None => None,
+        Some(Err(())) => return (StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        Some(Ok(token)) => match verify_token(&app, token).await {
+            Ok(principal) => Some(principal),
+            Err(RpcError::Unauthenticated(_)) => {
+                return (StatusCode::UNAUTHORIZED, "invalid or expired token").into_response()
+            }
+            Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response(),
+        },
+    };
+    if app.long_polls.len() >= app.settings.max_connections as usize {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions").into_response();
+    }
+    let outbox = Outbox::new(NOTIFICATION_CAPACITY);
+    let push = Push::new(Arc::clone(&app.fanout), Arc::clone(&outbox));
+    let session = Arc::new(Session::with_push(
+        Transport::LongPoll,
+        Some((app.settings.rate_limit, app.settings.rate_burst)),
+        Some(push),
+    ));
+    if let Some(principal) = principal {
+        session.bind(principal);
+    }
+    // 128 random bits: the id is the only credential of the session.
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    tracing::info!(session = session.id, "long-poll session opened");
+    app.metrics.connection_opened("longpoll");
+    app.long_polls.sessions.insert(
+        id.clone(),
+        Arc::new(LongPoll {
+            session,
+            outbox,
+            last_seen: Mutex::new(Instant::now()),
+            poll_generation: AtomicU64::new(0),
+            preempt: Notify::new(),
+        }),
+    );
+    let body = json!({
+        "session": id,
+        "poll_timeout_ms": app.settings.poll_timeout.as_millis() as u64,
+        "session_timeout_ms": app.settings.session_timeout.as_millis() as u64,
+    });
+    (StatusCode::CREATED, axum::Json(body)).into_response()
+}
+
+/// `POST /lp/{session}`: a message or batch, run in the session's context.
+pub async fn call(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Response {
+    let Some(lp) = app.long_polls.get(&id) else {
+        return gone();
+    };
+    lp.touch();
+    let text = String::from_utf8_lossy(&body);
+    let ctx = Ctx {
+        app: Arc::clone(&app),
+        session: Arc::clone(&lp.session),
+    };
+    let response = app.dispatcher.handle_message(&ctx, &text).await;
+    lp.touch();
+    match response {
+        Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PollQuery {
+    #[serde(default)]
+    cursor: u64,
+}
+
+/// `GET /lp/{session}?cursor=N`: notifications after `N`, waiting up to the poll timeout.
+pub async fn poll(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(query): Query<PollQuery>,
+) -> Response {
+    let Some(lp) = app.long_polls.get(&id) else {
+        return gone();
+    };
+    lp.touch();
+    let generation = lp.poll_generation.fetch_add(1, Ordering::SeqCst) + 1;
+    // An older GET of this session answers now with what it has (nothing).
+    lp.preempt.notify_waiters();
+    let deadline = Instant::now() + app.settings.poll_timeout;
+    let messages = loop {
+        if lp.outbox.overflowed() {
+            app.long_polls
+                .remove(&app, &id, "too many undelivered notifications");
+            return gone();
+        }
+        let messages = lp.outbox.poll(query.cursor);
+        if !messages.is_empty() {
+            break messages;
+        }
+        let preempted = lp.preempt.notified();
+        tokio::pin!(preempted);
+        preempted.as_mut().enable();
+        if lp.poll_generation.load(Ordering::SeqCst) != generation {
+            break Vec::new();
+        }
+        tokio::select! {
+            () = lp.outbox.wait() => {}
+            () = &mut preempted => break Vec::new(),
+            () = tokio::time::sleep_until(deadline) => break Vec::new(),
+            () = app.shutdown.cancelled() => break Vec::new(),
+        }
+    };
+    lp.touch();
+    let cursor = messages.last().map_or(query.cursor, |(seq, _)| *seq);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        poll_body(cursor, &messages),
+    )
+        .into_response()
+}
+
+/// `{"cursor": M, "messages": [{"seq": S, "message": …}]}`, with each message spliced in as
+/// the JSON it already is.
+fn poll_body(cursor: u64, messages: &[(u64, String)]) -> String {
+    let mut body = format!("{{\"cursor\":{cursor},\"messages\":[");
+    for (i, (seq, message)) in messages.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!("{{\"seq\":{seq},\"message\":{message}}}"));
+    }
+    body.push_str("]}");
+    body
+}
+
+/// `DELETE /lp/{session}`.
+pub async fn close(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    if app.long_polls.remove(&app, &id, "closed by the client") {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        gone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_body_splices_messages_in_as_json() {
+        let body = poll_body(7, &[(6, "{\"a\":1}".into()), (7, "{\"b\":2}".into())]);
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            parsed,
+            json!({"cursor": 7, "messages": [{"seq": 6, "message": {"a": 1}}, {"seq": 7, "message": {"b": 2}}]})
+        );
+        assert_eq!(poll_body(3, &[]), "{\"cursor\":3,\"messages\":[]}");
+    }
+}
