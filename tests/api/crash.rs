@@ -360,8 +360,123 @@ async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expir
     server.kill().await;
 }
 
+/// SIGTERM while reservations stream in: the server stops accepting, answers or refuses
+/// each call in flight, commits everything it acknowledged, and exits cleanly.
+async fn sigterm_commits_every_acknowledged_reservation_before_exit(db: Arc<Database>) {
+    let db = &*db;
+    let output = ticket_api(db)
+        .args([
+            "user",
+            "add",
+            "--email",
+            "boss@example.com",
+            "--password",
+            "boss-password",
+            "--admin",
+        ])
+        .args(db.settings())
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let server = Server::start(db, 1).await;
+    let admin = server
+        .ok(
+            "auth.login",
+            json!({"email": "boss@example.com", "password": "boss-password"}),
+            None,
+        )
+        .await;
+    let admin = admin["token"].as_str().unwrap().to_owned();
+    let event = server
+        .ok(
+            "admin.events.create",
+            crate::harness::event_params("Shutdown test", 100_000, json!({"kind": "any"})),
+            Some(&admin),
+        )
+        .await;
+    let event_id = event["id"].clone();
+    let tt = event["ticket_types"][0]["id"].clone();
+    let customer = server
+        .ok(
+            "auth.register",
+            json!({"email": "buyer@example.com", "password": "buyer-password"}),
+            None,
+        )
+        .await;
+    let token = customer["token"].as_str().unwrap().to_owned();
+
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut ws = server.ws_as(&token).await;
+        let tt = tt.clone();
+        streams.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let request = json!({"items": [{"ticket_type_id": tt, "quantity": 1}]});
+            for id in 0..10_000u64 {
+                let call = json!({"jsonrpc": "2.0", "id": id, "method": "tickets.reserve", "params": request});
+                ws.send_text(call.to_string()).await;
+                match ws.next_text().await {
+                    Ok(response) if response["result"]["id"].is_string() => {
+                        acknowledged.push(response["result"]["id"].as_str().unwrap().to_owned())
+                    }
+                    Ok(response) => panic!("a reservation failed before shutdown: {response}"),
+                    Err(_) => break,
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pid = server.child.id().expect("running").to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let mut server = server;
+    let exit = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("the server exits within 30 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "exit status {exit}");
+    let mut acknowledged = Vec::new();
+    for stream in streams {
+        acknowledged.extend(stream.await.unwrap());
+    }
+    assert!(
+        !acknowledged.is_empty(),
+        "no reservation was made before SIGTERM"
+    );
+
+    let server = Server::start(db, 2).await;
+    let list = server
+        .ok("reservations.list", json!({}), Some(&token))
+        .await;
+    let listed = by_id(&list);
+    for id in &acknowledged {
+        assert!(
+            listed.contains_key(id),
+            "acknowledged reservation {id} was lost"
+        );
+    }
+    assert_eq!(
+        listed.len(),
+        acknowledged.len(),
+        "nothing unacknowledged was kept"
+    );
+    let held = listed
+        .values()
+        .filter(|r| r["status"] == "pending" || r["status"] == "paid")
+        .count() as u64;
+    assert_eq!(server.available(&event_id).await, 100_000 - held);
+    server.kill().await;
+}
+
 mod sqlite {
     use super::*;
+    const BACKEND: Backend = Backend::Sqlite;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expire() {
@@ -371,16 +486,35 @@ mod sqlite {
         )
         .await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_commits_every_acknowledged_reservation_before_exit() {
+        with_database(
+            BACKEND,
+            super::sigterm_commits_every_acknowledged_reservation_before_exit,
+        )
+        .await;
+    }
 }
 
 mod postgres {
     use super::*;
+    const BACKEND: Backend = Backend::Postgres;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expire() {
         with_database(
             Backend::Postgres,
             super::acknowledged_work_survives_sigkill_and_pending_reservations_still_expire,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_commits_every_acknowledged_reservation_before_exit() {
+        with_database(
+            BACKEND,
+            super::sigterm_commits_every_acknowledged_reservation_before_exit,
         )
         .await;
     }

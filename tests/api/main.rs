@@ -7,6 +7,8 @@ mod auth;
 mod catalog;
 mod cli;
 mod crash;
+mod durability;
+mod expiry;
 mod jsonrpc;
 mod limits;
 mod live;
