@@ -9,9 +9,22 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Url;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A client WebSocket to the server.
+pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Small buffers for many mostly idle connections (the library's defaults are 128 KiB
+/// each way per connection).
+pub fn light_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
 
 /// The server under test: a base URL whose host is a loopback address.
 #[derive(Debug, Clone)]
@@ -57,6 +70,15 @@ impl Target {
             url.query_pairs_mut().append_pair("token", token);
         }
         url
+    }
+
+    /// `host:port`, for a raw TCP connection.
+    pub fn authority(&self) -> String {
+        format!(
+            "{}:{}",
+            self.base.host_str().unwrap_or("127.0.0.1"),
+            self.base.port_or_known_default().unwrap_or(80)
+        )
     }
 }
 
@@ -232,23 +254,87 @@ impl HttpRpc {
         }
         Ok(text)
     }
+
+    /// `POST /lp`: opens a long-poll session (no login) and returns its id.
+    pub async fn open_long_poll(&self) -> Result<String, String> {
+        let response = self
+            .client
+            .post(self.target.http("/lp"))
+            .send()
+            .await
+            .map_err(|e| format!("POST /lp: {e}"))?;
+        let status = response.status();
+        if status != reqwest::StatusCode::CREATED {
+            let text = response.text().await.unwrap_or_default();
+            return Err(format!("POST /lp: HTTP {status}: {text}"));
+        }
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| format!("POST /lp: {e}"))?;
+        body.get("session")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("POST /lp: no session in {body}"))
+    }
+
+    /// `DELETE /lp/{session}`; an already expired session (410) counts as closed.
+    pub async fn close_long_poll(&self, session: &str) -> Result<(), String> {
+        let response = self
+            .client
+            .delete(self.target.http(&format!("/lp/{session}")))
+            .send()
+            .await
+            .map_err(|e| format!("DELETE /lp/…: {e}"))?;
+        match response.status() {
+            reqwest::StatusCode::NO_CONTENT | reqwest::StatusCode::GONE => Ok(()),
+            status => Err(format!("DELETE /lp/…: HTTP {status}")),
+        }
+    }
+}
+
+/// Sends `GET /lp/{session}?cursor=0` on a connection of its own and returns that
+/// connection without reading the answer: the poll stays pending on the server (up to its
+/// poll timeout) for as long as the connection is held.
+pub async fn pending_long_poll(target: &Target, session: &str) -> Result<TcpStream, String> {
+    let authority = target.authority();
+    let mut stream = TcpStream::connect(&authority)
+        .await
+        .map_err(|e| format!("connect {authority}: {e}"))?;
+    let request =
+        format!("GET /lp/{session}?cursor=0 HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("GET /lp/…: {e}"))?;
+    Ok(stream)
 }
 
 /// JSON-RPC over one WebSocket, one call at a time. Server notifications arriving while a
 /// call waits are skipped.
 pub struct WsRpc {
-    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    stream: WsStream,
     next_id: u64,
 }
 
 impl WsRpc {
     /// Opens `ws://…/ws?token=…`. The caller bounds the time with a timeout.
     pub async fn connect(url: &Url) -> Result<Self, String> {
+        Self::connect_with(url, None).await
+    }
+
+    /// As [`WsRpc::connect`], with a WebSocket configuration (e.g. [`light_ws_config`]).
+    pub async fn connect_with(url: &Url, config: Option<WebSocketConfig>) -> Result<Self, String> {
         // Nagle off: one small frame at a time, closed-loop.
-        let (stream, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+        let (stream, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), config, true)
             .await
             .map_err(|e| format!("connect {}: {e}", redact(url)))?;
         Ok(Self { stream, next_id: 1 })
+    }
+
+    /// The WebSocket itself, e.g. to read notifications after a `pool.subscribe`.
+    pub fn into_stream(self) -> WsStream {
+        self.stream
     }
 
     /// Sends one request and waits for its response. The caller bounds the time with a

@@ -3,14 +3,21 @@
 //! Sub-commands:
 //! - `reserve`: the end-to-end reservation benchmark (JSON-RPC over WebSocket, closed loop,
 //!   one hot ticket type), with a consistency check of the server's count afterwards.
+//! - `fanout`: N subscribers of one event, one reserver at a paced rate; the latency from
+//!   a reservation's answer to each subscriber's `pool.update`, and how much was coalesced.
+//! - `idle`: N idle WebSocket connections or long-poll sessions held for a while, to
+//!   measure the server's memory per connection.
 //!
 //! Every target must be a loopback address, and every load loop is bounded in count and
 //! in time.
 //!
 //! Exit codes: 0 success, 1 a failed setup or a consistency mismatch, 2 bad flags
-//! (including a non-loopback `--url`).
+//! (including a non-loopback `--url`, or more connections than the open-file limit allows).
 
 mod client;
+mod fanout;
+mod idle;
+mod limits;
 mod metrics;
 mod report;
 mod reserve;
@@ -32,6 +39,33 @@ enum Command {
     /// End-to-end reservation benchmark: N WebSocket connections reserving one hot ticket
     /// type in a closed loop, then a consistency check.
     Reserve(reserve::ReserveArgs),
+    /// Fan-out latency: N WebSocket subscribers of one event, M paced reservations; the
+    /// time from each reservation's answer to each subscriber's `pool.update`.
+    Fanout(fanout::FanoutArgs),
+    /// Opens N idle WebSocket connections or long-poll sessions, holds them, closes them.
+    Idle(idle::IdleArgs),
+}
+
+/// Why a run produced no report: bad flags (exit 2) or a failed setup (exit 1).
+#[derive(Debug)]
+pub enum Failure {
+    Flags(String),
+    Setup(String),
+}
+
+impl Failure {
+    fn exit(&self, command: &str) -> ExitCode {
+        match self {
+            Self::Flags(e) => {
+                eprintln!("loadgen {command}: {e}");
+                ExitCode::from(2)
+            }
+            Self::Setup(e) => {
+                eprintln!("loadgen {command}: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -53,6 +87,20 @@ async fn main() -> ExitCode {
                 eprintln!("loadgen reserve: {e}");
                 ExitCode::FAILURE
             }
+        },
+        Command::Fanout(args) => match fanout::run(&args).await {
+            Ok(report) => {
+                report.print_human();
+                if args.json {
+                    println!("{}", report.to_json());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => e.exit("fanout"),
+        },
+        Command::Idle(args) => match idle::run(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => e.exit("idle"),
         },
     }
 }

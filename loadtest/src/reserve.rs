@@ -70,7 +70,7 @@ pub struct ReserveArgs {
     pub register_concurrency: u32,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 10s, 1m)"))?;
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
@@ -197,7 +197,7 @@ async fn writer_batches(http: &HttpRpc) -> Option<WriterBatches> {
 }
 
 /// A short id that makes this run's emails unique.
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
@@ -205,7 +205,7 @@ fn run_id() -> String {
     format!("{:x}{:x}", nanos & 0xffff_ffff_ffff, std::process::id())
 }
 
-fn string_at<'a>(value: &'a Value, pointer: &str) -> Result<&'a str, SetupError> {
+pub(crate) fn string_at<'a>(value: &'a Value, pointer: &str) -> Result<&'a str, SetupError> {
     value
         .pointer(pointer)
         .and_then(Value::as_str)

@@ -52,14 +52,17 @@ impl Passwords {
     /// Whether `password` matches `stored`; with `None` (unknown user) a dummy hash is
     /// verified instead and the answer is always `false`.
     pub async fn verify(&self, password: String, stored: Option<String>) -> bool {
-        let Ok(_permit) = self.permits.acquire().await else {
+        let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
             return false;
         };
         let known = stored.is_some();
         let stored = stored.unwrap_or_else(|| self.dummy_hash.to_string());
-        let matches = tokio::task::spawn_blocking(move || verify_blocking(&password, &stored))
-            .await
-            .unwrap_or(false);
+        let matches = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify_blocking(&password, &stored)
+        })
+        .await
+        .unwrap_or(false);
         known && matches
     }
 }

@@ -43,9 +43,12 @@ macro_rules! id_type {
         impl FromStr for $name {
             type Err = InvalidId;
 
-            /// Only the canonical hyphenated form is accepted, so one id has one spelling.
+            /// Only the canonical form (lower-case, hyphenated) is accepted, so one id has
+            /// one spelling.
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                if s.len() != 36 {
+                let canonical = s.len() == 36
+                    && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-');
+                if !canonical {
                     return Err(InvalidId);
                 }
                 Uuid::try_parse(s).map(Self).map_err(|_| InvalidId)
@@ -92,11 +95,13 @@ mod tests {
 
     #[test]
     fn refuses_strings_that_are_not_canonical_uuids() {
+        let upper = EventId::new().to_string().to_uppercase();
         for bad in [
             "",
             "abc",
             "{8c2b0d4e-0000-7000-8000-000000000000}",
             "8c2b0d4e000070008000000000000000",
+            upper.as_str(),
         ] {
             assert_eq!(bad.parse::<EventId>(), Err(InvalidId), "{bad}");
         }

@@ -29,6 +29,33 @@ pub struct Ctx {
 type MethodFuture = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
 type Handler = Box<dyn Fn(Ctx, Map<String, Value>) -> MethodFuture + Send + Sync>;
 
+/// Who may call a method. Checked before the params are read, so a caller who may not
+/// call it learns nothing from validation errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone.
+    Public,
+    /// A logged-in user.
+    User,
+    /// A logged-in admin.
+    Admin,
+    /// A connection the server can push to (WebSocket or long-poll).
+    Push,
+}
+
+impl Access {
+    fn check(self, ctx: &Ctx) -> Result<(), RpcError> {
+        let now = ctx.app.clock.now();
+        match self {
+            Access::Public => Ok(()),
+            Access::User => ctx.session.principal(now).map(drop),
+            Access::Admin => ctx.session.admin(now).map(drop),
+            Access::Push if ctx.session.transport.can_push() => Ok(()),
+            Access::Push => Err(RpcError::TransportUnsupported),
+        }
+    }
+}
+
 /// The method table. Each domain module registers its methods into it.
 #[derive(Default)]
 pub struct Methods {
@@ -36,9 +63,9 @@ pub struct Methods {
 }
 
 impl Methods {
-    /// Registers `name`; its params are deserialized into `P` (errors name the field),
-    /// and its result serialized from `R`.
-    pub fn register<P, R, F, Fut>(&mut self, name: &'static str, method: F)
+    /// Registers `name`, callable as `access` allows; its params are deserialized into `P`
+    /// (errors name the field), and its result serialized from `R`.
+    pub fn register<P, R, F, Fut>(&mut self, name: &'static str, access: Access, method: F)
     where
         P: DeserializeOwned + Send + 'static,
         R: Serialize + 'static,
@@ -49,6 +76,7 @@ impl Methods {
         let handler: Handler = Box::new(move |ctx, params| {
             let method = Arc::clone(&method);
             Box::pin(async move {
+                access.check(&ctx)?;
                 let params = parse_params::<P>(params)?;
                 let result = method(ctx, params).await?;
                 serde_json::to_value(result).map_err(RpcError::internal)
@@ -68,7 +96,7 @@ impl Methods {
 }
 
 /// Deserializes params, naming the offending field (`items[0].quantity`) on failure.
-pub fn parse_params<P: DeserializeOwned>(params: Map<String, Value>) -> Result<P, RpcError> {
+fn parse_params<P: DeserializeOwned>(params: Map<String, Value>) -> Result<P, RpcError> {
     serde_path_to_error::deserialize(Value::Object(params)).map_err(|err| {
         let path = err.path().to_string();
         let message = err.inner().to_string();
@@ -186,6 +214,35 @@ impl Dispatcher {
             Err(error) => Response::failure(id, error.to_error_object()),
         })
     }
+}
+
+/// Runs a message in a task of its own and waits for it. Transports whose caller may go
+/// away mid-call (an HTTP client that disconnects) use this: dropping the wait does not
+/// cancel the call, so a change that has begun is always completed or undone. The task is
+/// tracked, so shutdown waits for it. With `in_order`, the task runs only while holding
+/// that lock, so the calls of one session run one at a time, in arrival order, even when
+/// their callers give up.
+pub async fn handle_detached(
+    ctx: Ctx,
+    text: String,
+    in_order: Option<Arc<tokio::sync::Mutex<()>>>,
+) -> Option<String> {
+    let tasks = ctx.app.tasks.clone();
+    // Queue for the lock before spawning, so arrival order is kept.
+    let turn = match in_order {
+        Some(lock) => Some(lock.lock_owned().await),
+        None => None,
+    };
+    let call = tasks.spawn(async move {
+        let response = ctx.app.dispatcher.handle_message(&ctx, &text).await;
+        drop(turn);
+        response
+    });
+    call.await.unwrap_or_else(|error| {
+        tracing::error!(%error, "a detached call did not finish");
+        let internal = RpcError::Internal(error.to_string()).to_error_object();
+        Some(encode(&Response::failure(Id::NULL, internal)))
+    })
 }
 
 fn log_failure(ctx: &Ctx, method: &str, error: &RpcError) {

@@ -50,6 +50,8 @@ enum Identity {
     Anonymous,
     /// A token was presented (on `/rpc`) but could not be used.
     Refused(AuthFailure),
+    /// A token was presented (on `/rpc`) but the database could not be asked about it.
+    Unverifiable,
     Bound(Principal),
 }
 
@@ -171,6 +173,12 @@ impl Session {
         *self.identity() = Identity::Refused(why);
     }
 
+    /// Records that the credentials presented with a stateless request could not be
+    /// checked: calls that need a user answer `UNAVAILABLE`.
+    pub fn refuse_unverifiable(&self) {
+        *self.identity() = Identity::Unverifiable;
+    }
+
     pub fn unbind(&self) {
         let previous = std::mem::replace(&mut *self.identity(), Identity::Anonymous);
         if let (Some(push), Identity::Bound(old)) = (&self.push, previous) {
@@ -183,6 +191,7 @@ impl Session {
         match &*self.identity() {
             Identity::Anonymous => Err(RpcError::Unauthenticated(AuthFailure::Missing)),
             Identity::Refused(why) => Err(RpcError::Unauthenticated(*why)),
+            Identity::Unverifiable => Err(RpcError::Unavailable),
             Identity::Bound(p) if p.expires_at <= now => {
                 Err(RpcError::Unauthenticated(AuthFailure::Expired))
             }

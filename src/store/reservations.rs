@@ -395,7 +395,7 @@ async fn insert_idempotency(
 ) -> Result<(), StoreError> {
     for key in keys {
         // A key older than 24 hours may be reused: the old row is replaced.
-        sqlx::query(
+        let done = sqlx::query(
             "INSERT INTO idempotency_keys (user_id, method, key, params_hash, response, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (user_id, method, key) DO UPDATE SET params_hash = excluded.params_hash, \
@@ -411,6 +411,11 @@ async fn insert_idempotency(
         .bind(key.at.as_millis() - IDEMPOTENCY_TTL_MS)
         .execute(&mut **tx)
         .await?;
+        // A fresh key of the same name means two calls raced past the key's lock: fail this
+        // change (and its transaction) rather than commit it without its key.
+        if done.rows_affected() != 1 {
+            return Err(StoreError::corrupt("idempotency_keys", "the key is in use"));
+        }
     }
     Ok(())
 }

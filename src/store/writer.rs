@@ -117,11 +117,11 @@ async fn commit(store: &Store, batch: Vec<Job>) {
                 let _ = job.done.send(Ok(()));
             }
         }
-        // One bad change must not fail the others: when the database refused a statement
-        // (rather than being unreachable), commit each change alone.
-        Err(StoreError::Database(sqlx::Error::Database(_)) | StoreError::Corrupt { .. })
-            if batch.len() > 1 =>
-        {
+        // One bad change must not fail the others: when a row broke a rule (a constraint, or
+        // a status that was not pending), commit each change alone. A database that is
+        // down, locked or slow fails the whole batch instead: retrying one by one would
+        // only make each caller wait longer for the same answer.
+        Err(error) if batch.len() > 1 && refused_a_row(&error) => {
             drop(changes);
             tracing::warn!(
                 size = batch.len(),
@@ -143,6 +143,17 @@ async fn commit(store: &Store, batch: Vec<Job>) {
                 let _ = job.done.send(Err(WriteError::Failed(message.clone())));
             }
         }
+    }
+}
+
+/// Whether the database refused a row, as opposed to not being able to commit at all.
+fn refused_a_row(error: &StoreError) -> bool {
+    match error {
+        StoreError::Corrupt { .. } | StoreError::Duplicate(_) => true,
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            !matches!(db.kind(), sqlx::error::ErrorKind::Other)
+        }
+        StoreError::Database(_) => false,
     }
 }
 

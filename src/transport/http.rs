@@ -9,9 +9,10 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
 
+use super::{authenticate, Bearer};
 use crate::app::App;
-use crate::rpc::methods::auth::verify_token;
-use crate::rpc::{AuthFailure, Ctx, RpcError, Session, Transport};
+use crate::rpc::dispatch::handle_detached;
+use crate::rpc::{Ctx, Session, Transport};
 
 /// The bundled web client.
 const INDEX_HTML: &str = include_str!("../web/index.html");
@@ -20,23 +21,20 @@ const INDEX_HTML: &str = include_str!("../web/index.html");
 /// over the size limit never gets here: the body limit layer answers 413.
 pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let session = Arc::new(Session::new(Transport::Http, None));
-    match super::bearer_token(&headers) {
-        None => {}
-        Some(Err(())) => session.refuse(AuthFailure::Invalid),
-        Some(Ok(token)) => match verify_token(&app, token).await {
-            Ok(principal) => session.bind(principal),
-            Err(RpcError::Unauthenticated(why)) => session.refuse(why),
-            // The database could not be asked: calls needing a user fail, others proceed.
-            Err(_) => session.refuse(AuthFailure::Invalid),
-        },
+    match authenticate(&app, &headers, None).await {
+        Bearer::Absent => {}
+        Bearer::Valid(principal) => session.bind(principal),
+        Bearer::Refused(why) => session.refuse(why),
+        // Calls needing a user answer UNAVAILABLE; public calls proceed.
+        Bearer::Unverifiable => session.refuse_unverifiable(),
     }
     // Not UTF-8 cannot be JSON: answered as a parse error by the dispatcher.
-    let text = String::from_utf8_lossy(&body);
+    let text = String::from_utf8_lossy(&body).into_owned();
     let ctx = Ctx {
         app: Arc::clone(&app),
         session,
     };
-    match app.dispatcher.handle_message(&ctx, &text).await {
+    match handle_detached(ctx, text, None).await {
         Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     }

@@ -19,11 +19,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::{authenticate, Bearer};
 use crate::app::App;
 use crate::fanout::Outbox;
-use crate::rpc::methods::auth::verify_token;
+use crate::rpc::dispatch::handle_detached;
 use crate::rpc::session::Push;
-use crate::rpc::{Ctx, RpcError, Session, Transport};
+use crate::rpc::{Ctx, Session, Transport};
 
 /// Notifications a session may hold unacknowledged; over it the session expires.
 const NOTIFICATION_CAPACITY: usize = 1_024;
@@ -39,6 +40,8 @@ struct LongPoll {
     /// Bumped by every GET, so a newer GET can answer an older one at once.
     poll_generation: AtomicU64,
     preempt: Notify,
+    /// Calls of one session run one at a time, in order, as on a WebSocket.
+    calls: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl LongPoll {
@@ -97,7 +100,10 @@ impl LongPollSessions {
                 .long_polls
                 .sessions
                 .iter()
-                .filter(|entry| entry.value().idle_since().elapsed() > timeout)
+                .filter(|entry| {
+                    let lp = entry.value();
+                    lp.idle_since().elapsed() > timeout || lp.outbox.overflowed()
+                })
                 .map(|entry| entry.key().clone())
                 .collect();
             for id in idle {
@@ -118,16 +124,15 @@ fn gone() -> Response {
 
 /// `POST /lp`: opens a session, bound to the Bearer token's user if one is given.
 pub async fn open(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let principal = match super::bearer_token(&headers) {
-        None => None,
-        Some(Err(())) => return (StatusCode::UNAUTHORIZED, "invalid token").into_response(),
-        Some(Ok(token)) => match verify_token(&app, token).await {
-            Ok(principal) => Some(principal),
-            Err(RpcError::Unauthenticated(_)) => {
-                return (StatusCode::UNAUTHORIZED, "invalid or expired token").into_response()
-            }
-            Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response(),
-        },
+    let principal = match authenticate(&app, &headers, None).await {
+        Bearer::Absent => None,
+        Bearer::Valid(principal) => Some(principal),
+        Bearer::Refused(_) => {
+            return (StatusCode::UNAUTHORIZED, "invalid or expired token").into_response()
+        }
+        Bearer::Unverifiable => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
+        }
     };
     if app.long_polls.len() >= app.settings.max_connections as usize {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions").into_response();
@@ -154,6 +159,7 @@ pub async fn open(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             last_seen: Mutex::new(Instant::now()),
             poll_generation: AtomicU64::new(0),
             preempt: Notify::new(),
+            calls: Arc::new(tokio::sync::Mutex::new(())),
         }),
     );
     let body = json!({
@@ -169,13 +175,18 @@ pub async fn call(State(app): State<Arc<App>>, Path(id): Path<String>, body: Byt
     let Some(lp) = app.long_polls.get(&id) else {
         return gone();
     };
+    if lp.outbox.overflowed() {
+        app.long_polls
+            .remove(&app, &id, "too many undelivered notifications");
+        return gone();
+    }
     lp.touch();
-    let text = String::from_utf8_lossy(&body);
+    let text = String::from_utf8_lossy(&body).into_owned();
     let ctx = Ctx {
         app: Arc::clone(&app),
         session: Arc::clone(&lp.session),
     };
-    let response = app.dispatcher.handle_message(&ctx, &text).await;
+    let response = handle_detached(ctx, text, Some(Arc::clone(&lp.calls))).await;
     lp.touch();
     match response {
         Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),

@@ -7,6 +7,39 @@ pub mod ws;
 
 use axum::http::HeaderMap;
 
+use crate::app::App;
+use crate::rpc::methods::auth::verify_token;
+use crate::rpc::{AuthFailure, Principal, RpcError};
+
+/// What the credentials presented with a request come to.
+pub enum Bearer {
+    /// No token was presented.
+    Absent,
+    Valid(Principal),
+    /// A token was presented and is not usable.
+    Refused(AuthFailure),
+    /// The token could not be checked (the database did not answer).
+    Unverifiable,
+}
+
+/// Checks the `Authorization: Bearer …` header, or else `fallback` (the `?token=` of a
+/// WebSocket upgrade).
+pub async fn authenticate(app: &App, headers: &HeaderMap, fallback: Option<&str>) -> Bearer {
+    let token = match bearer_token(headers) {
+        Some(Ok(token)) => token,
+        Some(Err(())) => return Bearer::Refused(AuthFailure::Invalid),
+        None => match fallback.filter(|t| !t.is_empty()) {
+            Some(token) => token,
+            None => return Bearer::Absent,
+        },
+    };
+    match verify_token(app, token).await {
+        Ok(principal) => Bearer::Valid(principal),
+        Err(RpcError::Unauthenticated(why)) => Bearer::Refused(why),
+        Err(_) => Bearer::Unverifiable,
+    }
+}
+
 /// The token of an `Authorization: Bearer …` header. `Some(Err(()))` when the header is
 /// there but is not a bearer token.
 pub fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, ()>> {

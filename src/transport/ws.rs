@@ -16,11 +16,11 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use super::{authenticate, Bearer};
 use crate::app::App;
 use crate::fanout::Outbox;
-use crate::rpc::methods::auth::verify_token;
 use crate::rpc::session::Push;
-use crate::rpc::{Ctx, Principal, RpcError, Session, Transport};
+use crate::rpc::{Ctx, Principal, Session, Transport};
 
 /// Close codes of PROTOCOL §2.
 pub mod close {
@@ -61,27 +61,21 @@ pub async fn upgrade(
         tracing::warn!(%peer, "connection refused: too many open connections");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
-    let token = match super::bearer_token(&headers) {
-        Some(Ok(token)) => Some(token.to_owned()),
-        Some(Err(())) => return (StatusCode::UNAUTHORIZED, "invalid token").into_response(),
-        None => query.token.filter(|t| !t.is_empty()),
-    };
-    let principal = match token {
-        None => None,
-        Some(token) => match verify_token(&app, &token).await {
-            Ok(principal) => Some(principal),
-            Err(RpcError::Unauthenticated(why)) => {
-                tracing::info!(%peer, reason = ?why, "upgrade refused: bad token");
-                return (StatusCode::UNAUTHORIZED, "invalid or expired token").into_response();
-            }
-            Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response(),
-        },
+    let principal = match authenticate(&app, &headers, query.token.as_deref()).await {
+        Bearer::Absent => None,
+        Bearer::Valid(principal) => Some(principal),
+        Bearer::Refused(why) => {
+            tracing::info!(%peer, reason = ?why, "upgrade refused: bad token");
+            return (StatusCode::UNAUTHORIZED, "invalid or expired token").into_response();
+        }
+        Bearer::Unverifiable => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
+        }
     };
     let max = app.settings.max_message_bytes as usize;
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + max * 2)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {

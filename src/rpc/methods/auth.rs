@@ -5,17 +5,17 @@ use serde::{Deserialize, Serialize};
 use crate::auth::password::{MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS};
 use crate::auth::TokenError;
 use crate::core::{normalize_email, Role, User, UserId};
-use crate::rpc::dispatch::{Ctx, Methods};
+use crate::rpc::dispatch::{Access, Ctx, Methods};
 use crate::rpc::methods::NoParams;
 use crate::rpc::types::{time_json, UserJson};
 use crate::rpc::{AuthFailure, Principal, RpcError};
 use crate::store::StoreError;
 
 pub fn register(methods: &mut Methods) {
-    methods.register("auth.register", register_user);
-    methods.register("auth.login", login);
-    methods.register("auth.authenticate", authenticate);
-    methods.register("auth.logout", logout);
+    methods.register("auth.register", Access::Public, register_user);
+    methods.register("auth.login", Access::Public, login);
+    methods.register("auth.authenticate", Access::Public, authenticate);
+    methods.register("auth.logout", Access::Public, logout);
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,11 +3,11 @@
 use serde_json::Value;
 
 use super::NoParams;
-use crate::rpc::dispatch::{Ctx, Methods};
+use crate::rpc::dispatch::{Access, Ctx, Methods};
 use crate::rpc::RpcError;
 
 pub fn register(methods: &mut Methods) {
-    methods.register("rpc.discover", discover);
+    methods.register("rpc.discover", Access::Public, discover);
 }
 
 async fn discover(ctx: Ctx, _: NoParams) -> Result<Value, RpcError> {

@@ -4,14 +4,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::EventId;
 use crate::fanout::SubscriptionId;
-use crate::rpc::dispatch::{Ctx, Methods};
+use crate::rpc::dispatch::{Access, Ctx, Methods};
 use crate::rpc::session::{Push, MAX_SUBSCRIPTIONS};
 use crate::rpc::types::{parse_id, PoolJson};
 use crate::rpc::RpcError;
 
 pub fn register(methods: &mut Methods) {
-    methods.register("pool.subscribe", subscribe);
-    methods.register("pool.unsubscribe", unsubscribe);
+    methods.register("pool.subscribe", Access::Push, subscribe);
+    methods.register("pool.unsubscribe", Access::Push, unsubscribe);
 }
 
 fn push(ctx: &Ctx) -> Result<&Push, RpcError> {

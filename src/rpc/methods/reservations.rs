@@ -9,16 +9,16 @@ use crate::core::reservation::{Reservation, Status};
 use crate::core::{ReservationId, TicketTypeId, MAX_COUNT};
 use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall, MAX_KEY_CHARS};
 use crate::engine::Paid;
-use crate::rpc::dispatch::{Ctx, Methods};
+use crate::rpc::dispatch::{Access, Ctx, Methods};
 use crate::rpc::types::{parse_id, MoneyJson, ReservationJson};
 use crate::rpc::RpcError;
 
 pub fn register(methods: &mut Methods) {
-    methods.register("tickets.reserve", reserve);
-    methods.register("reservations.get", get);
-    methods.register("reservations.list", list);
-    methods.register("reservations.cancel", cancel);
-    methods.register("payments.create", pay);
+    methods.register("tickets.reserve", Access::User, reserve);
+    methods.register("reservations.get", Access::User, get);
+    methods.register("reservations.list", Access::User, list);
+    methods.register("reservations.cancel", Access::User, cancel);
+    methods.register("payments.create", Access::User, pay);
 }
 
 /// Most reservations `reservations.list` returns (the newest).

@@ -1,0 +1,867 @@
+//! `loadgen fanout`: how long a committed change takes to reach N subscribers.
+//!
+//! Setup over `POST /rpc`: log in as admin, create one event with one ticket type (large
+//! capacity, `{"kind":"any"}`), register one customer (the reserver). Then N WebSocket
+//! connections (no login) each `pool.subscribe` to the event, opened a bounded number at a
+//! time, and each starts reading its notifications. The reserver then makes M reservations
+//! of one ticket, paced at R per second (one call at a time), over its own WebSocket.
+//!
+//! Versions: only the reserver changes the pool, so its k-th successful reservation
+//! produces version `base + k`, where `base` is the version `events.get` reports before
+//! the first one (after an error the base is read again). The instant its answer arrived
+//! (the change is durable then) is recorded per version. Each subscriber records, for
+//! every `pool.update`, the instant it arrived and the version it carries; an update that
+//! jumps over versions (coalesced by the server) is attributed to the version it carries
+//! and the versions jumped over are counted as coalesced. The latency of a (subscriber,
+//! received version) pair is receipt − commit answer; an update that arrived before the
+//! reserver's answer counts as 0 and is counted as "before the answer".
+//!
+//! Bounded: at most M reservations and at most `--max-duration` for them, then at most
+//! `--settle` for the last updates to arrive; then every connection is closed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::Args;
+use futures_util::stream::{self, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{light_ws_config, CallError, HttpRpc, Target, WsRpc, WsStream};
+use crate::limits;
+use crate::report::{new_histogram, Latency};
+use crate::reserve::{parse_duration, run_id, string_at};
+use crate::Failure;
+
+/// Flags of `loadgen fanout`.
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// Server base URL; must be a loopback address (127.0.0.0/8, localhost, [::1]).
+    #[arg(long, default_value = "http://127.0.0.1:4000", value_parser = Target::parse)]
+    pub url: Target,
+
+    /// WebSocket connections subscribed to the event (no login). Run the server with
+    /// `--max-connections` above this.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub subscribers: u32,
+
+    /// Reservations of one ticket the reserver makes.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub reservations: u32,
+
+    /// Pace of the reservations: `20/s` (or a plain number per second), at most 10000/s.
+    #[arg(long, default_value = "20/s", value_parser = parse_rate)]
+    pub rate: f64,
+
+    /// Email of an existing admin account (`ticket-api user add --admin`).
+    #[arg(long)]
+    pub admin_email: String,
+
+    /// Password of that admin account.
+    #[arg(long)]
+    pub admin_password: String,
+
+    /// Subscriber connections being opened at once.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub connect_concurrency: u32,
+
+    /// Capacity of the ticket type (at least `--reservations`).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub capacity: u64,
+
+    /// Bound on the reservation phase.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub max_duration: Duration,
+
+    /// After the last reservation, how long to wait for every subscriber to see its
+    /// version.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub settle: Duration,
+
+    /// Bound on one call, one connection attempt, and one subscription.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub call_timeout: Duration,
+
+    /// Also print one JSON line of results at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `20/s`, `20/sec`, `20`: reservations per second.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text
+        .trim()
+        .trim_end_matches("/sec")
+        .trim_end_matches("/s")
+        .trim();
+    let rate: f64 = number
+        .parse()
+        .map_err(|_| format!("not a rate: {text} (e.g. 20/s)"))?;
+    if !(rate.is_finite() && rate > 0.0 && rate <= 10_000.0) {
+        return Err(format!("{text}: must be above 0 and at most 10000/s"));
+    }
+    Ok(rate)
+}
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+struct Receipts {
+    /// The version `pool.subscribe` reported.
+    initial: u64,
+    /// Updates that carried a newer version: (version, arrival), in arrival order.
+    received: Vec<(u64, Instant)>,
+    /// Updates whose version was not newer than the one held (ignored, as a client does).
+    stale: u64,
+    /// Set when the connection ended before the run did (e.g. closed 1008 by the server).
+    lost: Option<String>,
+}
+
+/// Everything `loadgen fanout` measured.
+#[derive(Debug, Clone)]
+pub struct FanoutReport {
+    pub url: String,
+    pub subscribers: usize,
+    pub rate: f64,
+    pub connect_s: f64,
+    /// Reservations attempted, acknowledged, refused (by reason), unanswered.
+    pub reservations: u64,
+    pub ok: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub transport_failures: u64,
+    pub reserve_elapsed_s: f64,
+    pub stopped_by: String,
+    /// `tickets.reserve` round trips of the reserver.
+    pub reserve_latency: Latency,
+    /// Commit answer → `pool.update` arrival, over (subscriber, received version) pairs.
+    pub latency: Latency,
+    /// Per version: commit answer → the moment the last subscriber held it (or newer);
+    /// only versions every subscriber got.
+    pub latency_all: Latency,
+    /// Updates with a newer version, over all subscribers.
+    pub received: u64,
+    /// Versions a subscriber never saw on their own because an update jumped over them.
+    pub coalesced: u64,
+    /// Versions a subscriber had not reached when the run ended.
+    pub missing: u64,
+    pub stale: u64,
+    /// Received updates whose version no acknowledged reservation produced.
+    pub unattributed: u64,
+    /// Received updates that arrived before the reserver's answer (counted as 0 ms).
+    pub before_ack: u64,
+    /// Subscribers whose connection ended early, and the first reason.
+    pub lost_subscribers: u64,
+    pub first_loss: Option<String>,
+    /// Time from the last answer until every subscriber held the final version (None when
+    /// some never did within `--settle`).
+    pub settled_s: Option<f64>,
+}
+
+impl FanoutReport {
+    /// Skipped versions over all versions a subscriber should have seen.
+    pub fn coalesced_fraction(&self) -> f64 {
+        let total = self.received + self.coalesced;
+        if total == 0 {
+            0.0
+        } else {
+            self.coalesced as f64 / total as f64
+        }
+    }
+
+    pub fn print_human(&self) {
+        println!(
+            "fanout: {} subscribers against {}, {} reservations at {}/s",
+            self.subscribers, self.url, self.reservations, self.rate
+        );
+        println!(
+            "  subscribers connected and subscribed in {:.2} s",
+            self.connect_s
+        );
+        println!(
+            "  reservations: {} ok, {} errors, {} transport failures in {:.2} s (stopped by {})",
+            self.ok,
+            self.errors.values().sum::<u64>(),
+            self.transport_failures,
+            self.reserve_elapsed_s,
+            self.stopped_by
+        );
+        for (reason, count) in &self.errors {
+            println!("    {reason}: {count}");
+        }
+        let l = self.reserve_latency;
+        println!(
+            "  reserve round trip: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        );
+        let l = self.latency;
+        println!(
+            "  commit answer → pool.update ({} subscriber×version pairs): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        );
+        let l = self.latency_all;
+        println!(
+            "  commit answer → every subscriber has it ({} versions): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        );
+        println!(
+            "  updates: {} received, {} versions coalesced ({:.1} %), {} missing at the end, {} stale, {} unattributed, {} before the answer",
+            self.received,
+            self.coalesced,
+            100.0 * self.coalesced_fraction(),
+            self.missing,
+            self.stale,
+            self.unattributed,
+            self.before_ack
+        );
+        match self.settled_s {
+            Some(s) => println!(
+                "  every subscriber held the final version {:.1} ms after the last answer",
+                s * 1000.0
+            ),
+            None => println!("  NOT every subscriber held the final version by the end"),
+        }
+        if self.lost_subscribers > 0 {
+            println!(
+                "  {} subscriber connections ended early; first: {}",
+                self.lost_subscribers,
+                self.first_loss.as_deref().unwrap_or("?")
+            );
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let lat = |l: Latency| json!({"count": l.count, "p50_ms": l.p50_ms, "p90_ms": l.p90_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms});
+        json!({
+            "tool": "loadgen fanout",
+            "url": self.url,
+            "subscribers": self.subscribers,
+            "rate_per_s": self.rate,
+            "connect_s": self.connect_s,
+            "reservations": self.reservations,
+            "ok": self.ok,
+            "errors": self.errors,
+            "transport_failures": self.transport_failures,
+            "reserve_elapsed_s": self.reserve_elapsed_s,
+            "stopped_by": self.stopped_by,
+            "reserve_latency_ms": lat(self.reserve_latency),
+            "latency_ms": lat(self.latency),
+            "latency_all_ms": lat(self.latency_all),
+            "received": self.received,
+            "coalesced": self.coalesced,
+            "coalesced_fraction": self.coalesced_fraction(),
+            "missing": self.missing,
+            "stale": self.stale,
+            "unattributed": self.unattributed,
+            "before_ack": self.before_ack,
+            "lost_subscribers": self.lost_subscribers,
+            "settled_s": self.settled_s,
+        })
+    }
+}
+
+/// The event under test.
+struct Fixture {
+    event_id: String,
+    ticket_type_id: String,
+    reserver_token: String,
+}
+
+pub async fn run(args: &FanoutArgs) -> Result<FanoutReport, Failure> {
+    limits::ensure_fds_for(u64::from(args.subscribers), "subscriber connections")
+        .map_err(Failure::Flags)?;
+    if args.capacity < u64::from(args.reservations) {
+        return Err(Failure::Flags(format!(
+            "--capacity {} is below --reservations {}",
+            args.capacity, args.reservations
+        )));
+    }
+    let http = HttpRpc::new(args.url.clone(), args.call_timeout);
+    let fixture = setup(args, &http).await.map_err(Failure::Setup)?;
+    let ticket_type: Arc<str> = Arc::from(fixture.ticket_type_id.as_str());
+
+    // Subscribers: each one's latest version, so the end of the run can be seen.
+    let n = args.subscribers as usize;
+    let latest: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    eprintln!(
+        "connecting {n} subscribers, {} at a time…",
+        args.connect_concurrency
+    );
+    let connect_started = Instant::now();
+    let url = args.url.ws(None);
+    let call_timeout = args.call_timeout;
+    let opened: Vec<Result<JoinHandle<Receipts>, String>> = stream::iter(0..n)
+        .map(|i| {
+            let url = url.clone();
+            let event_id = fixture.event_id.clone();
+            let ticket_type = Arc::clone(&ticket_type);
+            let latest = Arc::clone(&latest);
+            let stop = stop_rx.clone();
+            async move {
+                let (ws, initial) =
+                    open_subscriber(&url, &event_id, &ticket_type, call_timeout).await?;
+                latest[i].store(initial, Ordering::SeqCst);
+                Ok(tokio::spawn(subscriber(
+                    ws,
+                    ticket_type,
+                    initial,
+                    latest,
+                    i,
+                    stop,
+                )))
+            }
+        })
+        .buffer_unordered(args.connect_concurrency as usize)
+        .collect()
+        .await;
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    let mut tasks = Vec::with_capacity(n);
+    let mut failures = Vec::new();
+    for result in opened {
+        match result {
+            Ok(task) => tasks.push(task),
+            Err(e) => failures.push(e),
+        }
+    }
+    if !failures.is_empty() {
+        let _ = stop_tx.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        return Err(Failure::Setup(format!(
+            "{} of {n} subscribers could not connect and subscribe; first: {}",
+            failures.len(),
+            failures[0]
+        )));
+    }
+    eprintln!("{n} subscribers ready in {connect_s:.2} s");
+
+    let outcome = reserve_paced(args, &http, &fixture).await;
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            for task in tasks {
+                let _ = task.await;
+            }
+            return Err(Failure::Setup(e));
+        }
+    };
+
+    // Settle: wait (bounded) until every subscriber holds the final version.
+    let settle_started = Instant::now();
+    let settle_deadline = settle_started + args.settle;
+    let settled_s = loop {
+        let behind = latest
+            .iter()
+            .filter(|v| v.load(Ordering::SeqCst) < outcome.final_version)
+            .count();
+        if behind == 0 {
+            break Some(
+                outcome
+                    .last_ack
+                    .map_or(0.0, |at| at.elapsed().as_secs_f64()),
+            );
+        }
+        if Instant::now() >= settle_deadline || tasks.iter().all(JoinHandle::is_finished) {
+            eprintln!("{behind} subscribers did not reach the final version within --settle");
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let _ = stop_tx.send(true);
+    let mut receipts = Vec::with_capacity(n);
+    for task in tasks {
+        match task.await {
+            Ok(r) => receipts.push(r),
+            Err(e) => return Err(Failure::Setup(format!("a subscriber task failed: {e}"))),
+        }
+    }
+
+    let tally = tally(&receipts, &outcome, n);
+    Ok(FanoutReport {
+        url: args.url.to_string(),
+        subscribers: n,
+        rate: args.rate,
+        connect_s,
+        reservations: outcome.attempted,
+        ok: outcome.ok,
+        errors: outcome.errors,
+        transport_failures: outcome.transport_failures,
+        reserve_elapsed_s: outcome.elapsed.as_secs_f64(),
+        stopped_by: outcome.stopped_by.to_owned(),
+        reserve_latency: Latency::from_histogram(&outcome.latency),
+        latency: Latency::from_histogram(&tally.latency),
+        latency_all: Latency::from_histogram(&tally.latency_all),
+        received: tally.received,
+        coalesced: tally.coalesced,
+        missing: tally.missing,
+        stale: tally.stale,
+        unattributed: tally.unattributed,
+        before_ack: tally.before_ack,
+        lost_subscribers: tally.lost,
+        first_loss: tally.first_loss,
+        settled_s,
+    })
+}
+
+async fn setup(args: &FanoutArgs, http: &HttpRpc) -> Result<Fixture, String> {
+    let run = run_id();
+    eprintln!("setup: run {run} against {}", args.url);
+    let login = http
+        .call(
+            "auth.login",
+            json!({"email": args.admin_email, "password": args.admin_password}),
+            None,
+        )
+        .await
+        .map_err(|e| format!("admin login ({}): {e}", args.admin_email))?;
+    let admin_token = string_at(&login, "/token")?.to_owned();
+    let starts_at =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(30 * 24 * 3600))
+            .to_string();
+    let event = http
+        .call(
+            "admin.events.create",
+            json!({
+                "name": format!("loadgen fanout {run}"),
+                "starts_at": starts_at,
+                "venue": "loopback",
+                "ticket_types": [{
+                    "name": "General",
+                    "price": {"amount": 1000, "currency": "EUR"},
+                    "capacity": args.capacity,
+                    "rule": {"kind": "any"},
+                }],
+            }),
+            Some(&admin_token),
+        )
+        .await
+        .map_err(|e| format!("admin.events.create: {e}"))?;
+    let event_id = string_at(&event, "/id")?.to_owned();
+    let ticket_type_id = string_at(&event, "/ticket_types/0/id")?.to_owned();
+    let email = format!("loadgen-fanout-{run}@loadgen.invalid");
+    let registered = http
+        .call(
+            "auth.register",
+            json!({"email": email, "password": "loadgen-password"}),
+            None,
+        )
+        .await
+        .map_err(|e| format!("auth.register {email}: {e}"))?;
+    let reserver_token = string_at(&registered, "/token")?.to_owned();
+    eprintln!("setup: event {event_id}, ticket type {ticket_type_id}, reserver {email}");
+    Ok(Fixture {
+        event_id,
+        ticket_type_id,
+        reserver_token,
+    })
+}
+
+/// Connects (no login) and subscribes; returns the stream and the version it reported.
+async fn open_subscriber(
+    url: &reqwest::Url,
+    event_id: &str,
+    ticket_type: &str,
+    call_timeout: Duration,
+) -> Result<(WsStream, u64), String> {
+    let attempt = async {
+        let mut ws = WsRpc::connect_with(url, Some(light_ws_config())).await?;
+        let result = ws
+            .call("pool.subscribe", &json!({"event_id": event_id}))
+            .await
+            .map_err(|e| format!("pool.subscribe: {e}"))?;
+        let version = pool_version(&result, ticket_type)
+            .ok_or_else(|| format!("pool.subscribe: no version for the ticket type in {result}"))?;
+        Ok((ws.into_stream(), version))
+    };
+    timeout(call_timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err("connect and subscribe timed out".to_owned()))
+}
+
+/// `version` of `ticket_type` in a `{pools: [{ticket_type_id, available, version}]}`.
+fn pool_version(value: &Value, ticket_type: &str) -> Option<u64> {
+    value
+        .get("pools")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("ticket_type_id").and_then(Value::as_str) == Some(ticket_type))?
+        .get("version")?
+        .as_u64()
+}
+
+/// The version of `ticket_type` a `pool.update` frame carries; None for anything else.
+fn update_version(text: &str, ticket_type: &str) -> Option<u64> {
+    let value: Value = serde_json::from_str(text).ok()?;
+    if value.get("method").and_then(Value::as_str) != Some("pool.update") {
+        return None;
+    }
+    pool_version(value.get("params")?, ticket_type)
+}
+
+/// One subscriber: records every `pool.update` until told to stop.
+async fn subscriber(
+    mut ws: WsStream,
+    ticket_type: Arc<str>,
+    initial: u64,
+    latest: Arc<Vec<AtomicU64>>,
+    slot: usize,
+    mut stop: watch::Receiver<bool>,
+) -> Receipts {
+    let mut receipts = Receipts {
+        initial,
+        ..Receipts::default()
+    };
+    let mut held = initial;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            frame = ws.next() => frame,
+        };
+        let arrived = Instant::now();
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                if let Some(version) = update_version(text.as_str(), &ticket_type) {
+                    if version > held {
+                        held = version;
+                        receipts.received.push((version, arrived));
+                        latest[slot].store(version, Ordering::SeqCst);
+                    } else {
+                        receipts.stale += 1;
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                receipts.lost = Some(match frame {
+                    Some(f) => format!("closed by the server: {} {}", f.code, f.reason),
+                    None => "closed by the server".to_owned(),
+                });
+                break;
+            }
+            // Pings are answered by the library.
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                receipts.lost = Some(format!("receive: {e}"));
+                break;
+            }
+            None => {
+                receipts.lost = Some("connection closed".to_owned());
+                break;
+            }
+        }
+    }
+    if receipts.lost.is_none() {
+        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+    }
+    receipts
+}
+
+/// What the reserver did.
+struct Reserved {
+    attempted: u64,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    transport_failures: u64,
+    elapsed: Duration,
+    stopped_by: &'static str,
+    latency: Histogram<u64>,
+    /// The instant the answer arrived, per version its reservation produced.
+    acks: HashMap<u64, Instant>,
+    /// The version before the first reservation and the one after the last.
+    first_version: u64,
+    final_version: u64,
+    last_ack: Option<Instant>,
+}
+
+/// The reserver: M reservations of one ticket at the given pace, one call at a time.
+async fn reserve_paced(
+    args: &FanoutArgs,
+    http: &HttpRpc,
+    fixture: &Fixture,
+) -> Result<Reserved, String> {
+    let url = args.url.ws(Some(&fixture.reserver_token));
+    let connect = |url: reqwest::Url| async move {
+        timeout(args.call_timeout, WsRpc::connect(&url))
+            .await
+            .unwrap_or_else(|_| Err("connect timed out".to_owned()))
+    };
+    let mut ws = Some(connect(url.clone()).await?);
+    let first_version = current_version(http, fixture).await?;
+    let mut base = first_version;
+    let mut since_base = 0u64;
+    let params = json!({"items": [{"ticket_type_id": fixture.ticket_type_id, "quantity": 1}]});
+    let mut out = Reserved {
+        attempted: 0,
+        ok: 0,
+        errors: BTreeMap::new(),
+        transport_failures: 0,
+        elapsed: Duration::ZERO,
+        stopped_by: "reservations",
+        latency: new_histogram(),
+        acks: HashMap::with_capacity(args.reservations as usize),
+        first_version,
+        final_version: first_version,
+        last_ack: None,
+    };
+    eprintln!(
+        "reserving: {} reservations at {}/s (from version {first_version})…",
+        args.reservations, args.rate
+    );
+    let started = Instant::now();
+    let deadline = started + args.max_duration;
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    pace.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    for _ in 0..args.reservations {
+        pace.tick().await;
+        if Instant::now() >= deadline {
+            out.stopped_by = "max-duration";
+            break;
+        }
+        let conn = match ws.as_mut() {
+            Some(conn) => conn,
+            None => match connect(url.clone()).await {
+                Ok(conn) => ws.insert(conn),
+                Err(e) => {
+                    eprintln!("reserver reconnect failed: {e}");
+                    continue;
+                }
+            },
+        };
+        out.attempted += 1;
+        let sent = Instant::now();
+        let outcome = timeout(args.call_timeout, conn.call("tickets.reserve", &params))
+            .await
+            .unwrap_or_else(|_| Err(CallError::Transport("timed out".to_owned())));
+        let answered = Instant::now();
+        match outcome {
+            Ok(_) => {
+                out.ok += 1;
+                since_base += 1;
+                out.acks.insert(base + since_base, answered);
+                out.last_ack = Some(answered);
+                out.latency
+                    .saturating_record((answered.duration_since(sent).as_micros() as u64).max(1));
+                continue;
+            }
+            Err(CallError::Rpc(error)) => {
+                *out.errors.entry(error.reason()).or_default() += 1;
+            }
+            Err(CallError::Transport(e)) => {
+                if out.transport_failures == 0 {
+                    eprintln!("reserver transport failure (further ones only counted): {e}");
+                }
+                out.transport_failures += 1;
+                ws = None;
+            }
+        }
+        // After anything but a success the version may have moved otherwise: read it again.
+        base = current_version(http, fixture).await?;
+        since_base = 0;
+    }
+    out.elapsed = started.elapsed();
+    out.final_version = current_version(http, fixture).await?;
+    if let Some(conn) = ws {
+        conn.close().await;
+    }
+    Ok(out)
+}
+
+/// `version` of the ticket type as `events.get` reports it.
+async fn current_version(http: &HttpRpc, fixture: &Fixture) -> Result<u64, String> {
+    let event = http
+        .call("events.get", json!({"event_id": fixture.event_id}), None)
+        .await
+        .map_err(|e| format!("events.get: {e}"))?;
+    event
+        .get("ticket_types")
+        .and_then(Value::as_array)
+        .and_then(|types| {
+            types
+                .iter()
+                .find(|t| t.get("id").and_then(Value::as_str) == Some(&fixture.ticket_type_id))
+        })
+        .and_then(|t| t.get("version"))
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("events.get: no version for the ticket type in {event}"))
+}
+
+/// The figures over all subscribers.
+struct Tally {
+    latency: Histogram<u64>,
+    latency_all: Histogram<u64>,
+    received: u64,
+    coalesced: u64,
+    missing: u64,
+    stale: u64,
+    unattributed: u64,
+    before_ack: u64,
+    lost: u64,
+    first_loss: Option<String>,
+}
+
+fn tally(receipts: &[Receipts], reserved: &Reserved, subscribers: usize) -> Tally {
+    let mut t = Tally {
+        latency: new_histogram(),
+        latency_all: new_histogram(),
+        received: 0,
+        coalesced: 0,
+        missing: 0,
+        stale: 0,
+        unattributed: 0,
+        before_ack: 0,
+        lost: 0,
+        first_loss: None,
+    };
+    // Per version after the first: how many subscribers held it (or newer), and since when
+    // the last of them did.
+    let first = reserved.first_version;
+    let span = reserved.final_version.saturating_sub(first) as usize;
+    let mut held_by = vec![0usize; span];
+    let mut held_since: Vec<Option<Instant>> = vec![None; span];
+    let micros = |from: Instant, to: Instant| (to.duration_since(from).as_micros() as u64).max(1);
+    for r in receipts {
+        t.stale += r.stale;
+        if let Some(loss) = &r.lost {
+            t.lost += 1;
+            t.first_loss.get_or_insert_with(|| loss.clone());
+        }
+        let mut held = r.initial;
+        for &(version, arrived) in &r.received {
+            t.received += 1;
+            t.coalesced += version - held - 1;
+            match reserved.acks.get(&version) {
+                Some(&ack) if arrived >= ack => t.latency.saturating_record(micros(ack, arrived)),
+                Some(_) => {
+                    t.before_ack += 1;
+                    t.latency.saturating_record(1);
+                }
+                None => t.unattributed += 1,
+            }
+            for v in (held + 1)..=version {
+                if v > first && v - first <= span as u64 {
+                    let i = (v - first - 1) as usize;
+                    held_by[i] += 1;
+                    held_since[i] = held_since[i].max(Some(arrived));
+                }
+            }
+            held = version;
+        }
+        t.missing += reserved.final_version.saturating_sub(held);
+    }
+    for (i, (count, since)) in held_by.iter().zip(&held_since).enumerate() {
+        let version = first + 1 + i as u64;
+        if let (true, Some(since), Some(&ack)) =
+            (*count == subscribers, since, reserved.acks.get(&version))
+        {
+            t.latency_all.saturating_record(if *since >= ack {
+                micros(ack, *since)
+            } else {
+                1
+            });
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("20/s"), Ok(20.0));
+        assert_eq!(parse_rate("2.5/sec"), Ok(2.5));
+        assert_eq!(parse_rate("100"), Ok(100.0));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("1e9").is_err());
+    }
+
+    #[test]
+    fn update_versions_are_read_for_the_ticket_type_only() {
+        let frame = json!({"jsonrpc": "2.0", "method": "pool.update", "params": {
+            "subscription": "sub-1", "event_id": "e",
+            "pools": [{"ticket_type_id": "other", "available": 1, "version": 9},
+                      {"ticket_type_id": "tt", "available": 5, "version": 7}]}})
+        .to_string();
+        assert_eq!(update_version(&frame, "tt"), Some(7));
+        assert_eq!(update_version(&frame, "missing"), None);
+        let other = json!({"jsonrpc": "2.0", "method": "reservation.updated", "params": {}});
+        assert_eq!(update_version(&other.to_string(), "tt"), None);
+        assert_eq!(update_version("not json", "tt"), None);
+    }
+
+    fn reserved(acks: &[(u64, Instant)], first: u64, last: u64) -> Reserved {
+        Reserved {
+            attempted: acks.len() as u64,
+            ok: acks.len() as u64,
+            errors: BTreeMap::new(),
+            transport_failures: 0,
+            elapsed: Duration::ZERO,
+            stopped_by: "reservations",
+            latency: new_histogram(),
+            acks: acks.iter().copied().collect(),
+            first_version: first,
+            final_version: last,
+            last_ack: None,
+        }
+    }
+
+    #[test]
+    fn coalesced_versions_are_counted_and_latency_is_attributed_to_the_carried_version() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Versions 1..=4 acknowledged at 10, 20, 30, 40 ms.
+        let r = reserved(&[(1, ms(10)), (2, ms(20)), (3, ms(30)), (4, ms(40))], 0, 4);
+        let a = Receipts {
+            initial: 0,
+            received: vec![(1, ms(15)), (2, ms(25)), (3, ms(35)), (4, ms(45))],
+            ..Receipts::default()
+        };
+        // Coalesced: 1 and 2 skipped (carried by 3), and 4 missing at the end.
+        let b = Receipts {
+            initial: 0,
+            received: vec![(3, ms(50))],
+            stale: 1,
+            ..Receipts::default()
+        };
+        let t = tally(&[a, b], &r, 2);
+        assert_eq!(t.received, 5);
+        assert_eq!(t.coalesced, 2);
+        assert_eq!(t.missing, 1);
+        assert_eq!(t.stale, 1);
+        let l = Latency::from_histogram(&t.latency);
+        assert_eq!(l.count, 5);
+        assert!((l.max_ms - 20.0).abs() < 0.1, "{l:?}");
+        assert!((l.p50_ms - 5.0).abs() < 0.1, "{l:?}");
+        // Held by both: versions 1..=3; the last holder got them at 50 ms.
+        let all = Latency::from_histogram(&t.latency_all);
+        assert_eq!(all.count, 3);
+        assert!((all.max_ms - 40.0).abs() < 0.1, "{all:?}");
+        assert!((all.p50_ms - 30.0).abs() < 0.1, "{all:?}");
+    }
+
+    #[test]
+    fn updates_before_the_answer_count_as_zero_and_unknown_versions_are_set_apart() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let r = reserved(&[(1, ms(10))], 0, 2);
+        let a = Receipts {
+            initial: 0,
+            received: vec![(1, ms(9)), (2, ms(30))],
+            ..Receipts::default()
+        };
+        let t = tally(&[a], &r, 1);
+        assert_eq!(t.before_ack, 1);
+        assert_eq!(t.unattributed, 1);
+        assert_eq!(t.latency.len(), 1);
+        assert_eq!(t.missing, 0);
+    }
+}
