@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod abandoned;
 mod auth;
 mod catalog;
 mod cli;
