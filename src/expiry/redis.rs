@@ -230,8 +230,10 @@ impl RedisExpiry {
     async fn send(&self, batch: &[KeyCommand]) {
         let pipeline = self.commands.pipeline();
         let now = self.clock.now();
+        // What went into the pipeline, in order, to read the answers against.
+        let mut sent = Vec::with_capacity(batch.len());
         for command in batch {
-            // Queuing in the pipeline is local and cannot fail for a well-formed command.
+            // Queuing in the pipeline is local: it fails only for a malformed command.
             let queued: Result<(), fred::error::Error> = match *command {
                 KeyCommand::Set { id, at } => {
                     let ttl_ms = i64::try_from(now.until(at).as_millis())
@@ -244,15 +246,16 @@ impl RedisExpiry {
                 KeyCommand::Delete(id) => pipeline.del(self.key(id)).await,
                 KeyCommand::Poke(id) => pipeline.pttl(self.key(id)).await,
             };
-            if let Err(error) = queued {
-                tracing::warn!(%error, "could not queue a Redis key command");
+            match queued {
+                Ok(()) => sent.push(*command),
+                Err(error) => tracing::warn!(%error, "could not queue a Redis key command"),
             }
         }
         match tokio::time::timeout(COMMAND_TIMEOUT, pipeline.try_all::<Value>()).await {
             Ok(results) => {
                 let mut failed = 0;
                 let mut first_error = None;
-                for (command, result) in batch.iter().zip(results) {
+                for (command, result) in sent.iter().zip(results) {
                     match (command, result) {
                         // Not quite due by Redis's clock (the SET went out a little after
                         // its TTL was computed): poke again when it is. 0 means under a
