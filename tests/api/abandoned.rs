@@ -360,6 +360,7 @@ async fn long_poll_calls_of_one_session_run_in_order() {
             "params": {"items": [{"ticket_type_id": tt, "quantity": 1}]}}),
             );
             let (register, reserve) = (register.await.unwrap(), reserve.await.unwrap());
+            assert!(register["error"].is_null(), "{register}");
             assert!(
                 reserve["error"].is_null(),
                 "the reserve ran before the login it followed: {reserve}"
