@@ -41,7 +41,10 @@ const CONCURRENT_EXPIRIES: usize = 256;
 /// Everything a call may need. Shared by every connection behind an `Arc`.
 pub struct App {
     pub settings: Settings,
+    /// Reads and catalog writes.
     pub store: Store,
+    /// The writer's own connection.
+    writer_store: Store,
     pub inventory: Arc<Inventory>,
     pub engine: Engine,
     pub fanout: Arc<FanOut>,
@@ -97,12 +100,16 @@ impl App {
     pub async fn start(settings: Settings) -> Result<Arc<App>, StartError> {
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
+        let writer_store = Store::connect_writer(&settings.database()).await?;
         let secret = jwt_secret(&settings)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let metrics = Arc::new(Metrics::new());
         let stop_writer = CancellationToken::new();
-        let (writer, writer_task) =
-            Writer::start(store.clone(), Arc::clone(&metrics), stop_writer.clone());
+        let (writer, writer_task) = Writer::start(
+            writer_store.clone(),
+            Arc::clone(&metrics),
+            stop_writer.clone(),
+        );
         let inventory = Arc::new(Inventory::new());
         let fanout = FanOut::new(DEFAULT_WINDOW);
         let background = TaskTracker::new();
@@ -144,6 +151,7 @@ impl App {
             stop_writer,
             writer_task: Mutex::new(Some(writer_task)),
             store,
+            writer_store,
             inventory,
             engine,
             fanout,
@@ -239,6 +247,12 @@ impl App {
         if let Some(writer) = writer {
             let _ = writer.await;
         }
+        self.close_storage().await;
+    }
+
+    /// Closes every database connection; from then on each change answers `UNAVAILABLE`.
+    pub async fn close_storage(&self) {
+        self.writer_store.close().await;
         self.store.close().await;
     }
 }

@@ -197,11 +197,8 @@ impl std::fmt::Debug for DatabaseUrl {
 }
 
 fn parse_redis_url(text: &str) -> Result<String, String> {
-    if text.starts_with("redis://") || text.starts_with("rediss://") {
-        Ok(text.to_owned())
-    } else {
-        Err("expected a redis://… URL".to_owned())
-    }
+    crate::expiry::redis::check_url(text)?;
+    Ok(text.to_owned())
 }
 
 fn parse_jwt_secret(text: &str) -> Result<String, String> {

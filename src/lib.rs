@@ -2,7 +2,8 @@
 //!
 //! A reservation travels `transport → rpc → core`, with storage and expiry behind ports:
 //!
-//! - [`transport`]: framing only. `GET /ws` (WebSocket), `POST /rpc` (one-shot HTTP).
+//! - [`transport`]: framing only. `GET /ws` (WebSocket), `POST /rpc` (one-shot HTTP), and
+//!   the long-poll fallback at `/lp`.
 //! - [`rpc`]: JSON-RPC 2.0 wire types, the one error mapping, the call context
 //!   ([`rpc::Session`]) and one method table that every domain module registers into.
 //! - [`core`]: the domain, free of I/O: catalog, selling rules, inventory and the

@@ -142,6 +142,8 @@ pub struct FanoutReport {
     pub reserve_latency: Latency,
     /// Commit answer → `pool.update` arrival, over (subscriber, received version) pairs.
     pub latency: Latency,
+    /// The same pairs from the moment the reservation was sent (includes the commit).
+    pub latency_from_send: Latency,
     /// Per version: commit answer → the moment the last subscriber held it (or newer);
     /// only versions every subscriber got.
     pub latency_all: Latency,
@@ -175,6 +177,15 @@ impl FanoutReport {
         }
     }
 
+    /// Successful reservations per second over the reservation phase.
+    pub fn achieved_rate(&self) -> f64 {
+        if self.reserve_elapsed_s > 0.0 {
+            self.ok as f64 / self.reserve_elapsed_s
+        } else {
+            0.0
+        }
+    }
+
     pub fn print_human(&self) {
         println!(
             "fanout: {} subscribers against {}, {} reservations at {}/s",
@@ -185,8 +196,9 @@ impl FanoutReport {
             self.connect_s
         );
         println!(
-            "  reservations: {} ok, {} errors, {} transport failures in {:.2} s (stopped by {})",
+            "  reservations: {} ok ({:.1}/s achieved), {} errors, {} transport failures in {:.2} s (stopped by {})",
             self.ok,
+            self.achieved_rate(),
             self.errors.values().sum::<u64>(),
             self.transport_failures,
             self.reserve_elapsed_s,
@@ -204,6 +216,11 @@ impl FanoutReport {
         println!(
             "  commit answer → pool.update ({} subscriber×version pairs): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
             l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        );
+        let l = self.latency_from_send;
+        println!(
+            "  reservation sent → pool.update (same pairs): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
         );
         let l = self.latency_all;
         println!(
@@ -249,9 +266,11 @@ impl FanoutReport {
             "errors": self.errors,
             "transport_failures": self.transport_failures,
             "reserve_elapsed_s": self.reserve_elapsed_s,
+            "achieved_rate_per_s": self.achieved_rate(),
             "stopped_by": self.stopped_by,
             "reserve_latency_ms": lat(self.reserve_latency),
             "latency_ms": lat(self.latency),
+            "latency_from_send_ms": lat(self.latency_from_send),
             "latency_all_ms": lat(self.latency_all),
             "received": self.received,
             "coalesced": self.coalesced,
@@ -399,6 +418,7 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutReport, Failure> {
         stopped_by: outcome.stopped_by.to_owned(),
         reserve_latency: Latency::from_histogram(&outcome.latency),
         latency: Latency::from_histogram(&tally.latency),
+        latency_from_send: Latency::from_histogram(&tally.latency_from_send),
         latency_all: Latency::from_histogram(&tally.latency_all),
         received: tally.received,
         coalesced: tally.coalesced,
@@ -602,8 +622,8 @@ struct Reserved {
     elapsed: Duration,
     stopped_by: &'static str,
     latency: Histogram<u64>,
-    /// The instant the answer arrived, per version its reservation produced.
-    acks: HashMap<u64, Instant>,
+    /// When the call was sent and its answer arrived, per version its reservation produced.
+    acks: HashMap<u64, Ack>,
     /// The version before the first reservation and the one after the last.
     first_version: u64,
     final_version: u64,
@@ -636,6 +656,13 @@ async fn reserve_on_own_thread(args: &FanoutArgs, fixture: &Fixture) -> Result<R
     done_rx
         .await
         .unwrap_or_else(|_| Err("the reserver thread panicked".to_owned()))
+}
+
+/// One acknowledged reservation.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    sent: Instant,
+    answered: Instant,
 }
 
 /// The reserver: M reservations of one ticket at the given pace, one call at a time.
@@ -702,7 +729,7 @@ async fn reserve_paced(
             Ok(_) => {
                 out.ok += 1;
                 since_base += 1;
-                out.acks.insert(base + since_base, answered);
+                out.acks.insert(base + since_base, Ack { sent, answered });
                 out.last_ack = Some(answered);
                 out.latency
                     .saturating_record((answered.duration_since(sent).as_micros() as u64).max(1));
@@ -753,6 +780,7 @@ async fn current_version(http: &HttpRpc, fixture: &Fixture) -> Result<u64, Strin
 /// The figures over all subscribers.
 struct Tally {
     latency: Histogram<u64>,
+    latency_from_send: Histogram<u64>,
     latency_all: Histogram<u64>,
     received: u64,
     coalesced: u64,
@@ -767,6 +795,7 @@ struct Tally {
 fn tally(receipts: &[Receipts], reserved: &Reserved, subscribers: usize) -> Tally {
     let mut t = Tally {
         latency: new_histogram(),
+        latency_from_send: new_histogram(),
         latency_all: new_histogram(),
         received: 0,
         coalesced: 0,
@@ -795,10 +824,15 @@ fn tally(receipts: &[Receipts], reserved: &Reserved, subscribers: usize) -> Tall
             t.received += 1;
             t.coalesced += version - held - 1;
             match reserved.acks.get(&version) {
-                Some(&ack) if arrived >= ack => t.latency.saturating_record(micros(ack, arrived)),
-                Some(_) => {
-                    t.before_ack += 1;
-                    t.latency.saturating_record(1);
+                Some(ack) => {
+                    if arrived >= ack.answered {
+                        t.latency.saturating_record(micros(ack.answered, arrived));
+                    } else {
+                        t.before_ack += 1;
+                        t.latency.saturating_record(1);
+                    }
+                    t.latency_from_send
+                        .saturating_record(micros(ack.sent, arrived));
                 }
                 None => t.unattributed += 1,
             }
@@ -815,11 +849,11 @@ fn tally(receipts: &[Receipts], reserved: &Reserved, subscribers: usize) -> Tall
     }
     for (i, (count, since)) in held_by.iter().zip(&held_since).enumerate() {
         let version = first + 1 + i as u64;
-        if let (true, Some(since), Some(&ack)) =
+        if let (true, Some(since), Some(ack)) =
             (*count == subscribers, since, reserved.acks.get(&version))
         {
-            t.latency_all.saturating_record(if *since >= ack {
-                micros(ack, *since)
+            t.latency_all.saturating_record(if *since >= ack.answered {
+                micros(ack.answered, *since)
             } else {
                 1
             });
@@ -857,6 +891,12 @@ mod tests {
     }
 
     fn reserved(acks: &[(u64, Instant)], first: u64, last: u64) -> Reserved {
+        let acks = acks.iter().map(|&(version, answered)| {
+            let sent = answered
+                .checked_sub(Duration::from_millis(1))
+                .unwrap_or(answered);
+            (version, Ack { sent, answered })
+        });
         Reserved {
             attempted: acks.len() as u64,
             ok: acks.len() as u64,
@@ -865,7 +905,7 @@ mod tests {
             elapsed: Duration::ZERO,
             stopped_by: "reservations",
             latency: new_histogram(),
-            acks: acks.iter().copied().collect(),
+            acks: acks.collect(),
             first_version: first,
             final_version: last,
             last_ack: None,
@@ -899,6 +939,8 @@ mod tests {
         assert_eq!(l.count, 5);
         assert!((l.max_ms - 20.0).abs() < 0.1, "{l:?}");
         assert!((l.p50_ms - 5.0).abs() < 0.1, "{l:?}");
+        let from_send = Latency::from_histogram(&t.latency_from_send);
+        assert!((from_send.max_ms - 21.0).abs() < 0.1, "{from_send:?}");
         // Held by both: versions 1..=3; the last holder got them at 50 ms.
         let all = Latency::from_histogram(&t.latency_all);
         assert_eq!(all.count, 3);

@@ -149,6 +149,18 @@ struct Active {
     phase: Phase,
 }
 
+impl Active {
+    /// Only a pending reservation may change. One whose expiry is being committed has, for
+    /// its owner, already expired.
+    fn check_pending(&self) -> Result<(), ChangeError> {
+        match self.phase {
+            Phase::Pending => Ok(()),
+            Phase::Releasing(ReleaseKind::Expire) => Err(ChangeError::Expired),
+            Phase::Paying | Phase::Releasing(ReleaseKind::Cancel) => Err(ChangeError::NotPending),
+        }
+    }
+}
+
 /// The mutable counters of one ticket type.
 #[derive(Clone, Copy)]
 struct Counter {
@@ -560,9 +572,7 @@ impl Inventory {
     ) -> Result<Reservation, ChangeError> {
         self.with_book(id, |_, book| {
             let active = owned_by(book, id, user)?;
-            if active.phase != Phase::Pending {
-                return Err(ChangeError::NotPending);
-            }
+            active.check_pending()?;
             let due = now >= active.reservation.expires_at;
             match kind {
                 ReleaseKind::Cancel if due => return Err(ChangeError::Expired),
@@ -619,9 +629,7 @@ impl Inventory {
     ) -> Result<Reservation, ChangeError> {
         self.with_book(id, |_, book| {
             let active = owned_by(book, id, Some(user))?;
-            if active.phase != Phase::Pending {
-                return Err(ChangeError::NotPending);
-            }
+            active.check_pending()?;
             if now >= active.reservation.expires_at {
                 return Err(ChangeError::Expired);
             }

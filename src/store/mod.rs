@@ -61,6 +61,16 @@ pub struct Store {
 impl Store {
     /// Connects; for SQLite the file (and its folder) is created when missing.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
+        Self::connect_pool(url, None).await
+    }
+
+    /// A store of its own for the writer: one connection, so its commits never wait behind
+    /// reads for a connection from the shared pool.
+    pub async fn connect_writer(url: &DatabaseUrl) -> Result<Self, StoreError> {
+        Self::connect_pool(url, Some(1)).await
+    }
+
+    async fn connect_pool(url: &DatabaseUrl, size: Option<u32>) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = match url {
             DatabaseUrl::Postgres(_) => Backend::Postgres,
@@ -72,10 +82,10 @@ impl Store {
         let options: AnyConnectOptions = url.as_str().parse()?;
         let pool_options = AnyPoolOptions::new()
             .acquire_timeout(Duration::from_secs(5))
-            .max_connections(match backend {
+            .max_connections(size.unwrap_or(match backend {
                 Backend::Postgres => 16,
                 Backend::Sqlite => 8,
-            });
+            }));
         let pool = match backend {
             Backend::Postgres => pool_options.connect_with(options).await?,
             // WAL lets readers run beside the one writer; FULL syncs each commit, which the

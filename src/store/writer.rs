@@ -102,6 +102,7 @@ async fn run(
         metrics.record_batch(batch.len());
         commit(&store, std::mem::take(&mut batch)).await;
     }
+    store.close().await;
     tracing::info!("writer stopped: every queued change is committed");
 }
 

@@ -40,6 +40,8 @@ struct LongPoll {
     /// Bumped by every GET, so a newer GET can answer an older one at once.
     poll_generation: AtomicU64,
     preempt: Notify,
+    /// GETs in progress.
+    polls_waiting: AtomicU64,
     /// Calls of one session run one at a time, in order, as on a WebSocket.
     calls: Arc<tokio::sync::Mutex<()>>,
 }
@@ -51,6 +53,25 @@ impl LongPoll {
 
     fn idle_since(&self) -> Instant {
         *self.last_seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks a GET in progress until the guard drops: a session with a waiting GET is in
+    /// use, however long ago it began.
+    fn polling(&self) -> PollGuard<'_> {
+        self.polls_waiting.fetch_add(1, Ordering::SeqCst);
+        PollGuard(self)
+    }
+
+    fn is_idle_past(&self, timeout: Duration) -> bool {
+        self.polls_waiting.load(Ordering::SeqCst) == 0 && self.idle_since().elapsed() > timeout
+    }
+}
+
+struct PollGuard<'a>(&'a LongPoll);
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        self.0.polls_waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -102,7 +123,7 @@ impl LongPollSessions {
                 .iter()
                 .filter(|entry| {
                     let lp = entry.value();
-                    lp.idle_since().elapsed() > timeout || lp.outbox.overflowed()
+                    lp.is_idle_past(timeout) || lp.outbox.overflowed()
                 })
                 .map(|entry| entry.key().clone())
                 .collect();
@@ -159,6 +180,7 @@ pub async fn open(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             last_seen: Mutex::new(Instant::now()),
             poll_generation: AtomicU64::new(0),
             preempt: Notify::new(),
+            polls_waiting: AtomicU64::new(0),
             calls: Arc::new(tokio::sync::Mutex::new(())),
         }),
     );
@@ -210,6 +232,7 @@ pub async fn poll(
         return gone();
     };
     lp.touch();
+    let _polling = lp.polling();
     let generation = lp.poll_generation.fetch_add(1, Ordering::SeqCst) + 1;
     // An older GET of this session answers now with what it has (nothing).
     lp.preempt.notify_waiters();
@@ -238,6 +261,10 @@ pub async fn poll(
         }
     };
     lp.touch();
+    // Closed or expired while this GET waited: say so now rather than at the next poll.
+    if messages.is_empty() && app.long_polls.get(&id).is_none() {
+        return gone();
+    }
     let cursor = messages.last().map_or(query.cursor, |(seq, _)| *seq);
     (
         [(header::CONTENT_TYPE, "application/json")],

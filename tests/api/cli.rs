@@ -28,6 +28,10 @@ fn a_bad_setting_stops_the_program_with_one_line_and_exit_code_2() {
         (vec!["--listen", "nowhere"], "--listen"),
         (vec!["--reservation-ttl", "forever"], "--reservation-ttl"),
         (vec!["--redis-url", "http://x"], "--redis-url"),
+        (
+            vec!["--redis-url", "redis://127.0.0.1:not-a-port"],
+            "--redis-url",
+        ),
         (vec!["--jwt-secret", "short"], "--jwt-secret"),
     ] {
         let output = ticket_api(&args, dir.path());

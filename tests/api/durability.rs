@@ -26,7 +26,7 @@ backend_tests! {
         assert_eq!(app.pool(&event_id, 0).await.0, 8);
 
         // The database goes away.
-        app.app.store.close().await;
+        app.app.close_storage().await;
         let refused = ws.call("tickets.reserve", json!({"items": [{"ticket_type_id": types[0], "quantity": 3}]})).await;
         assert_eq!(reason(&refused), "UNAVAILABLE");
         assert_eq!(refused["error"]["code"], 4002);
@@ -77,7 +77,6 @@ async fn a_full_write_queue_refuses_at_once() {
         waiting.push(tokio::spawn(
             async move { writer.commit(change, None).await },
         ));
-        tokio::task::yield_now().await;
     }
     // Once the spawned commits are queued behind the blocked one, the next is refused.
     crate::harness::poll_until(Duration::from_secs(10), "a full queue", || {

@@ -865,7 +865,6 @@ async fn payment_racing_expiry(app: TestApp) {
     let mut paid = HashSet::new();
     let mut refused = HashSet::new();
     let mut paid_quantity = 0;
-    let mut not_pending_while_releasing = 0;
     for ((reservation, outcome), quantity) in reservations.iter().zip(&outcomes).zip(&quantities) {
         let id = reservation["id"].as_str().unwrap().to_owned();
         if outcome["error"].is_null() {
@@ -875,14 +874,6 @@ async fn payment_racing_expiry(app: TestApp) {
             );
             paid_quantity += quantity;
             paid.insert(id);
-        } else if outcome["error"]["data"]["reason"] == "RESERVATION_NOT_PENDING" {
-            // PROTOCOL §8 wants RESERVATION_EXPIRED here too, but the engine answers 2004
-            // when the payment lands while the expiry's release is being committed (the
-            // inventory's `Releasing` phase). Tolerated until `Inventory::begin_payment`
-            // reports a release of kind `Expire` as `Expired`; then delete this branch.
-            assert_error(outcome, 2004, "RESERVATION_NOT_PENDING");
-            not_pending_while_releasing += 1;
-            refused.insert(id);
         } else {
             assert_error(outcome, 2003, "RESERVATION_EXPIRED");
             refused.insert(id);
@@ -922,8 +913,7 @@ async fn payment_racing_expiry(app: TestApp) {
         "availability = capacity − Σ paid"
     );
     eprintln!(
-        "payment racing expiry: {} paid, {} expired of {RACERS} \
-         ({not_pending_while_releasing} refused with RESERVATION_NOT_PENDING instead of RESERVATION_EXPIRED)",
+        "payment racing expiry: {} paid, {} expired of {RACERS}",
         paid.len(),
         refused.len()
     );

@@ -96,7 +96,7 @@ async fn health_reports_storage_and_expiry() {
                 body,
                 json!({"status": "ok", "storage": "ok", "expiry": "ok"})
             );
-            app.app.store.close().await;
+            app.app.close_storage().await;
             let response = app.http.get(app.url("/health")).send().await.unwrap();
             assert_eq!(response.status(), 503);
             let body: serde_json::Value = response.json().await.unwrap();

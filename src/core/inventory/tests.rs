@@ -592,6 +592,27 @@ fn expiry_skips_reservations_being_paid_or_released() {
 }
 
 #[test]
+fn paying_or_cancelling_while_the_expiry_commits_is_expired() {
+    let (inventory, event) = inventory_with(&[(10, Rule::Any, 100)]);
+    let a = event.ticket_types[0].id;
+    let user = UserId::new();
+    let r = reserve(&inventory, user, &[(a, 1)]);
+    let late = r.expires_at;
+    inventory
+        .begin_release(r.id, ReleaseKind::Expire, None, late)
+        .unwrap();
+    // The clock of the caller may lag the expiry's: the phase decides.
+    assert_eq!(
+        inventory.begin_payment(r.id, user, T0),
+        Err(ChangeError::Expired)
+    );
+    assert_eq!(
+        inventory.begin_release(r.id, ReleaseKind::Cancel, Some(user), T0),
+        Err(ChangeError::Expired)
+    );
+}
+
+#[test]
 fn overdue_lists_due_pending_reservations_soonest_first() {
     let (inventory, event) = inventory_with(&[(10, Rule::Any, 100)]);
     let a = event.ticket_types[0].id;
@@ -1405,9 +1426,12 @@ impl Model {
     /// The error the inventory must give for a change of `id` asked by `user`, if any.
     fn refusal(&self, id: ReservationId, user: Option<UserId>) -> Option<ChangeError> {
         match self.reservations.get(&id) {
-            Some(r) if r.life.holds_tickets() && user.is_none_or(|u| u == r.user) => {
-                (r.life != Life::Pending).then_some(ChangeError::NotPending)
-            }
+            Some(r) if r.life.holds_tickets() && user.is_none_or(|u| u == r.user) => match r.life {
+                Life::Pending => None,
+                // Its expiry is being committed: to its owner it has already expired.
+                Life::Releasing(ReleaseKind::Expire) => Some(ChangeError::Expired),
+                _ => Some(ChangeError::NotPending),
+            },
             _ => Some(ChangeError::NotFound),
         }
     }

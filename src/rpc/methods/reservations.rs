@@ -50,9 +50,13 @@ fn check_key(key: &Option<String>) -> Result<(), RpcError> {
 }
 
 /// A result replayed from an idempotency key is the stored wire form.
-fn replayed<T: Serialize>(result: Idempotent<T>) -> Result<Value, RpcError> {
+/// The wire form of a result: a fresh one written by `wire`, a replayed one as stored.
+fn to_wire<T, W: Serialize>(
+    result: Idempotent<T>,
+    wire: impl FnOnce(&T) -> W,
+) -> Result<Value, RpcError> {
     match result {
-        Idempotent::Fresh(value) => serde_json::to_value(value).map_err(RpcError::internal),
+        Idempotent::Fresh(value) => serde_json::to_value(wire(&value)).map_err(RpcError::internal),
         Idempotent::Replayed(text) => serde_json::from_str(&text).map_err(RpcError::internal),
     }
 }
@@ -101,14 +105,7 @@ async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
         render: &render,
     });
     let reservation = ctx.app.engine.reserve(user, items, key).await?;
-    replayed(map_fresh(reservation, |r| ReservationJson::from(&r)))
-}
-
-fn map_fresh<T, U>(result: Idempotent<T>, f: impl FnOnce(T) -> U) -> Idempotent<U> {
-    match result {
-        Idempotent::Fresh(value) => Idempotent::Fresh(f(value)),
-        Idempotent::Replayed(text) => Idempotent::Replayed(text),
-    }
+    to_wire(reservation, |r| ReservationJson::from(r))
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,5 +218,5 @@ async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
         .engine
         .pay(user, id, &params.payment_token, key)
         .await?;
-    replayed(map_fresh(paid, |p| PayResult::from(&p)))
+    to_wire(paid, |p| PayResult::from(p))
 }
