@@ -197,6 +197,9 @@ impl std::fmt::Debug for DatabaseUrl {
 }
 
 fn parse_redis_url(text: &str) -> Result<String, String> {
+    if !text.starts_with("redis://") {
+        return Err("expected a redis://… URL".to_owned());
+    }
     crate::expiry::redis::check_url(text)?;
     Ok(text.to_owned())
 }

@@ -1,16 +1,32 @@
 //! The binary's command line (PROTOCOL §9): bad settings, sub-commands.
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
+/// Runs the binary to its end. A command that would start a server (a setting wrongly
+/// accepted) listens on a free port and is killed after 60 s, failing the test.
 fn ticket_api(args: &[&str], dir: &std::path::Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ticket-api"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ticket-api"))
         .args(args)
         .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
+        .env("TICKET_API_LISTEN", "127.0.0.1:0")
         .env("TICKET_API_DATA_DIR", dir.join("data"))
-        .output()
-        .expect("run ticket-api")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ticket-api");
+    let started = Instant::now();
+    while child.try_wait().expect("wait for ticket-api").is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("ticket-api {args:?} was still running after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("ticket-api output")
 }
 
 fn stderr(output: &Output) -> String {

@@ -1,7 +1,10 @@
 //! When the database cannot commit, a call fails with `UNAVAILABLE` and nothing is taken
 //! (PROTOCOL §5, Durability); a full write queue refuses at once.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures_util::FutureExt;
 use std::time::Duration;
 
 use serde_json::json;
@@ -44,20 +47,31 @@ backend_tests! {
     }
 }
 
-/// A writer whose database is locked cannot commit; the queue fills, and the next change
-/// is refused at once instead of waiting.
+/// A writer whose commit cannot finish (another transaction holds a lock on the table it
+/// writes) lets its queue fill, and the next change is refused at once instead of waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_write_queue_refuses_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = ticket_api::config::DatabaseUrl::Sqlite(format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("w.db").display()
-    ));
+    let Some((name, url)) = crate::harness::fresh_postgres_database().await else {
+        return;
+    };
+    let outcome = AssertUnwindSafe(queue_fills_and_refuses(url))
+        .catch_unwind()
+        .await;
+    crate::harness::remove_postgres_database(&name).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn queue_fills_and_refuses(url: String) {
+    let url = ticket_api::config::DatabaseUrl::Postgres(url);
     let store = Store::connect(&url).await.unwrap();
     store.migrate().await.unwrap();
-    // Another connection holds the write lock, so the writer's first commit waits.
-    let mut locker = sqlx::SqliteConnection::connect(url.as_str()).await.unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
+    // PostgreSQL waits for a lock without a timeout, so the writer's first commit blocks
+    // for exactly as long as the test holds it.
+    let mut locker = sqlx::PgConnection::connect(url.as_str()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE reservations IN ACCESS EXCLUSIVE MODE")
         .execute(&mut locker)
         .await
         .unwrap();
@@ -79,7 +93,7 @@ async fn a_full_write_queue_refuses_at_once() {
         ));
     }
     // Once the spawned commits are queued behind the blocked one, the next is refused.
-    crate::harness::poll_until(Duration::from_secs(10), "a full queue", || {
+    crate::harness::poll_until(Duration::from_secs(60), "a full queue", || {
         let writer = Arc::clone(&writer);
         async move {
             match tokio::time::timeout(
@@ -102,4 +116,5 @@ async fn a_full_write_queue_refuses_at_once() {
     }
     stop.cancel();
     task.await.unwrap();
+    store.close().await;
 }

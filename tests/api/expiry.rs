@@ -824,6 +824,11 @@ mod timer_expiry {
         })
         .await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payment_racing_expiry_ends_either_paid_or_expired_never_both_never_lost() {
+        with_app(Backend::Sqlite, on_timer, payment_racing_expiry).await;
+    }
 }
 
 const RACERS: usize = 50;
