@@ -55,6 +55,20 @@ struct State {
     overflowed: bool,
 }
 
+impl State {
+    /// Appends an entry with the next seq, or marks the outbox overflowed when it is full.
+    fn enqueue(&mut self, capacity: usize, body: Body) -> Option<u64> {
+        if self.entries.len() >= capacity {
+            self.overflowed = true;
+            return None;
+        }
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        self.entries.push_back(Entry { seq, body });
+        Some(seq)
+    }
+}
+
 /// See the module doc.
 pub struct Outbox {
     /// Held only to push or take entries; never across `.await`.
@@ -87,18 +101,7 @@ impl Outbox {
 
     /// Queues a notification that must not be lost. When full, the outbox overflows.
     pub fn push_event(&self, text: Arc<str>) {
-        let mut state = self.state();
-        if state.entries.len() >= self.capacity {
-            state.overflowed = true;
-        } else {
-            state.last_seq += 1;
-            let seq = state.last_seq;
-            state.entries.push_back(Entry {
-                seq,
-                body: Body::Text(text),
-            });
-        }
-        drop(state);
+        self.state().enqueue(self.capacity, Body::Text(text));
         self.ready.notify_one();
     }
 
@@ -117,19 +120,12 @@ impl Outbox {
                 }
             }
         }
-        if state.entries.len() >= self.capacity {
-            state.overflowed = true;
-        } else {
-            state.last_seq += 1;
-            let seq = state.last_seq;
-            state.entries.push_back(Entry {
-                seq,
-                body: Body::Pools {
-                    subscription,
-                    event_id,
-                    pools: pools.to_vec(),
-                },
-            });
+        let body = Body::Pools {
+            subscription,
+            event_id,
+            pools: pools.to_vec(),
+        };
+        if let Some(seq) = state.enqueue(self.capacity, body) {
             state.open_pools.insert(subscription, seq);
         }
         drop(state);

@@ -182,10 +182,17 @@ fn by_id(list: &Value) -> std::collections::HashMap<String, Value> {
         .collect()
 }
 
-async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expire(
-    db: Arc<Database>,
-) {
-    let db = &*db;
+/// What a test needs of a freshly started server: one event with one `any` ticket type of
+/// `capacity`, and a logged-in customer.
+struct Shop {
+    event_id: Value,
+    tt: Value,
+    token: String,
+}
+
+/// Creates an admin with `ticket-api user add`, starts the server (run 1), creates the event
+/// and registers a customer.
+async fn open_shop(db: &Database, name: &str, capacity: u64) -> (Server, Shop) {
     let output = ticket_api(db)
         .args([
             "user",
@@ -205,7 +212,6 @@ async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expir
         "user add: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-
     let server = Server::start(db, 1).await;
     let admin = server
         .ok(
@@ -215,15 +221,8 @@ async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expir
         )
         .await;
     let admin = admin["token"].as_str().unwrap().to_owned();
-    let event = server
-        .ok(
-            "admin.events.create",
-            crate::harness::event_params("Crash test", CAPACITY as u32, json!({"kind": "any"})),
-            Some(&admin),
-        )
-        .await;
-    let event_id = event["id"].clone();
-    let tt = event["ticket_types"][0]["id"].clone();
+    let params = crate::harness::event_params(name, capacity as u32, json!({"kind": "any"}));
+    let event = server.ok("admin.events.create", params, Some(&admin)).await;
     let customer = server
         .ok(
             "auth.register",
@@ -231,7 +230,26 @@ async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expir
             None,
         )
         .await;
-    let token = customer["token"].as_str().unwrap().to_owned();
+    let shop = Shop {
+        event_id: event["id"].clone(),
+        tt: event["ticket_types"][0]["id"].clone(),
+        token: customer["token"].as_str().unwrap().to_owned(),
+    };
+    (server, shop)
+}
+
+async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expire(
+    db: Arc<Database>,
+) {
+    let db = &*db;
+    let (
+        server,
+        Shop {
+            event_id,
+            tt,
+            token,
+        },
+    ) = open_shop(db, "Crash test", CAPACITY).await;
     let mut ws = server.ws_as(&token).await;
 
     let mut reservations = Vec::new();
@@ -369,47 +387,14 @@ async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expir
 /// each call in flight, commits everything it acknowledged, and exits cleanly.
 async fn sigterm_commits_every_acknowledged_reservation_before_exit(db: Arc<Database>) {
     let db = &*db;
-    let output = ticket_api(db)
-        .args([
-            "user",
-            "add",
-            "--email",
-            "boss@example.com",
-            "--password",
-            "boss-password",
-            "--admin",
-        ])
-        .args(db.settings())
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success());
-    let server = Server::start(db, 1).await;
-    let admin = server
-        .ok(
-            "auth.login",
-            json!({"email": "boss@example.com", "password": "boss-password"}),
-            None,
-        )
-        .await;
-    let admin = admin["token"].as_str().unwrap().to_owned();
-    let event = server
-        .ok(
-            "admin.events.create",
-            crate::harness::event_params("Shutdown test", 100_000, json!({"kind": "any"})),
-            Some(&admin),
-        )
-        .await;
-    let event_id = event["id"].clone();
-    let tt = event["ticket_types"][0]["id"].clone();
-    let customer = server
-        .ok(
-            "auth.register",
-            json!({"email": "buyer@example.com", "password": "buyer-password"}),
-            None,
-        )
-        .await;
-    let token = customer["token"].as_str().unwrap().to_owned();
+    let (
+        server,
+        Shop {
+            event_id,
+            tt,
+            token,
+        },
+    ) = open_shop(db, "Shutdown test", 100_000).await;
 
     let mut streams = Vec::new();
     for _ in 0..8 {
