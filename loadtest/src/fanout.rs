@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::stream::{self, StreamExt};
@@ -38,7 +38,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{light_ws_config, CallError, HttpRpc, Target, WsRpc, WsStream};
 use crate::limits;
 use crate::report::{new_histogram, Latency};
-use crate::reserve::{parse_duration, run_id, string_at};
+use crate::reserve::{create_hot_event, parse_duration, run_id, string_at};
 use crate::Failure;
 
 /// Flags of `loadgen fanout`.
@@ -435,38 +435,14 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutReport, Failure> {
 async fn setup(args: &FanoutArgs, http: &HttpRpc) -> Result<Fixture, String> {
     let run = run_id();
     eprintln!("setup: run {run} against {}", args.url);
-    let login = http
-        .call(
-            "auth.login",
-            json!({"email": args.admin_email, "password": args.admin_password}),
-            None,
-        )
-        .await
-        .map_err(|e| format!("admin login ({}): {e}", args.admin_email))?;
-    let admin_token = string_at(&login, "/token")?.to_owned();
-    let starts_at =
-        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(30 * 24 * 3600))
-            .to_string();
-    let event = http
-        .call(
-            "admin.events.create",
-            json!({
-                "name": format!("loadgen fanout {run}"),
-                "starts_at": starts_at,
-                "venue": "loopback",
-                "ticket_types": [{
-                    "name": "General",
-                    "price": {"amount": 1000, "currency": "EUR"},
-                    "capacity": args.capacity,
-                    "rule": {"kind": "any"},
-                }],
-            }),
-            Some(&admin_token),
-        )
-        .await
-        .map_err(|e| format!("admin.events.create: {e}"))?;
-    let event_id = string_at(&event, "/id")?.to_owned();
-    let ticket_type_id = string_at(&event, "/ticket_types/0/id")?.to_owned();
+    let (event_id, ticket_type_id) = create_hot_event(
+        http,
+        &args.admin_email,
+        &args.admin_password,
+        &format!("loadgen fanout {run}"),
+        args.capacity,
+    )
+    .await?;
     let email = format!("loadgen-fanout-{run}@loadgen.invalid");
     let registered = http
         .call(

@@ -212,20 +212,24 @@ pub(crate) fn string_at<'a>(value: &'a Value, pointer: &str) -> Result<&'a str, 
         .ok_or_else(|| format!("no {pointer} in {value}"))
 }
 
-async fn setup(args: &ReserveArgs, http: &HttpRpc) -> Result<Fixture, SetupError> {
-    let run = run_id();
-    eprintln!("setup: run {run} against {}", args.url);
-
+/// Logs in as the admin and creates one event with one `any` ticket type of `capacity`;
+/// returns the event id and the ticket type id.
+pub(crate) async fn create_hot_event(
+    http: &HttpRpc,
+    admin_email: &str,
+    admin_password: &str,
+    name: &str,
+    capacity: u64,
+) -> Result<(String, String), SetupError> {
     let login = http
         .call(
             "auth.login",
-            json!({"email": args.admin_email, "password": args.admin_password}),
+            json!({"email": admin_email, "password": admin_password}),
             None,
         )
         .await
-        .map_err(|e| format!("admin login ({}): {e}", args.admin_email))?;
+        .map_err(|e| format!("admin login ({admin_email}): {e}"))?;
     let admin_token = string_at(&login, "/token")?.to_owned();
-
     let starts_at =
         humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(30 * 24 * 3600))
             .to_string();
@@ -233,13 +237,13 @@ async fn setup(args: &ReserveArgs, http: &HttpRpc) -> Result<Fixture, SetupError
         .call(
             "admin.events.create",
             json!({
-                "name": format!("loadgen {run}"),
+                "name": name,
                 "starts_at": starts_at,
                 "venue": "loopback",
                 "ticket_types": [{
                     "name": "Hot",
                     "price": {"amount": 1000, "currency": "EUR"},
-                    "capacity": args.capacity,
+                    "capacity": capacity,
                     "rule": {"kind": "any"},
                 }],
             }),
@@ -247,8 +251,24 @@ async fn setup(args: &ReserveArgs, http: &HttpRpc) -> Result<Fixture, SetupError
         )
         .await
         .map_err(|e| format!("admin.events.create: {e}"))?;
-    let event_id = string_at(&event, "/id")?.to_owned();
-    let ticket_type_id = string_at(&event, "/ticket_types/0/id")?.to_owned();
+    Ok((
+        string_at(&event, "/id")?.to_owned(),
+        string_at(&event, "/ticket_types/0/id")?.to_owned(),
+    ))
+}
+
+async fn setup(args: &ReserveArgs, http: &HttpRpc) -> Result<Fixture, SetupError> {
+    let run = run_id();
+    eprintln!("setup: run {run} against {}", args.url);
+
+    let (event_id, ticket_type_id) = create_hot_event(
+        http,
+        &args.admin_email,
+        &args.admin_password,
+        &format!("loadgen {run}"),
+        args.capacity,
+    )
+    .await?;
     eprintln!("setup: event {event_id}, ticket type {ticket_type_id}");
 
     eprintln!(
