@@ -116,6 +116,22 @@ impl FanOut {
         self.subscribers.iter().map(|e| e.value().len()).sum()
     }
 
+    /// The most notifications any subscribed connection has waiting, for tests and metrics:
+    /// pool updates merge per subscription, so a lagging subscriber holds at most one entry
+    /// per subscription (plus its own reservation updates).
+    pub fn largest_outbox(&self) -> usize {
+        let outboxes: Vec<Arc<Outbox>> = self
+            .subscribers
+            .iter()
+            .flat_map(|event| event.value().values().cloned().collect::<Vec<_>>())
+            .collect();
+        outboxes
+            .iter()
+            .map(|outbox| outbox.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Sends pending pool changes, at most once per window, until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut last = Instant::now() - self.window;
