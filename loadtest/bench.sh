@@ -29,6 +29,8 @@ ADMIN_EMAIL=bench-admin@loadgen.invalid
 ADMIN_PASSWORD=bench-admin-password
 
 log() { echo "bench: $*" >&2; }
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 case "$PGHOST" in
 127.* | localhost | ::1) ;;
@@ -50,19 +52,7 @@ STATUS=0
 
 cleanup() {
 	local code=$?
-	if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-		log "stopping the server (SIGTERM)…"
-		kill -TERM "$SERVER_PID" 2>/dev/null || true
-		for _ in $(seq 1 100); do
-			kill -0 "$SERVER_PID" 2>/dev/null || break
-			sleep 0.1
-		done
-		if kill -0 "$SERVER_PID" 2>/dev/null; then
-			log "the server did not stop within 10 s: SIGKILL"
-			kill -KILL "$SERVER_PID" 2>/dev/null || true
-		fi
-		wait "$SERVER_PID" 2>/dev/null || true
-	fi
+	stop_server
 	if [[ $code -ne 0 && -f $DATA_DIR/server.log ]]; then
 		log "last lines of the server log:"
 		tail -n 20 "$DATA_DIR/server.log" >&2 || true
@@ -99,13 +89,6 @@ fi
 # Not inherited by the server: only the flags above choose its database.
 unset DATABASE_URL
 
-random_port() {
-	if command -v python3 >/dev/null; then
-		python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-	else
-		shuf -i 20000-60999 -n 1
-	fi
-}
 PORT=$(random_port)
 URL=http://127.0.0.1:$PORT
 JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')

@@ -39,6 +39,8 @@ ADMIN_EMAIL=fanout-admin@loadgen.invalid
 ADMIN_PASSWORD=fanout-admin-password
 
 log() { echo "fanout: $*" >&2; }
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 log "building (cargo build --release --workspace)…"
 cargo build --release --workspace
@@ -50,22 +52,6 @@ SERVER_PID=
 DATA_DIR=
 URL=
 STATUS=0
-
-stop_server() {
-	if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-		kill -TERM "$SERVER_PID" 2>/dev/null || true
-		for _ in $(seq 1 100); do
-			kill -0 "$SERVER_PID" 2>/dev/null || break
-			sleep 0.1
-		done
-		if kill -0 "$SERVER_PID" 2>/dev/null; then
-			log "the server did not stop within 10 s: SIGKILL"
-			kill -KILL "$SERVER_PID" 2>/dev/null || true
-		fi
-		wait "$SERVER_PID" 2>/dev/null || true
-	fi
-	SERVER_PID=
-}
 
 cleanup() {
 	local code=$?
@@ -80,14 +66,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-random_port() {
-	if command -v python3 >/dev/null; then
-		python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-	else
-		shuf -i 20000-60999 -n 1
-	fi
-}
 
 # start_server NAME [--with-admin]: a fresh server with its own data folder.
 start_server() {

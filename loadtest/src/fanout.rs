@@ -38,7 +38,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{light_ws_config, CallError, HttpRpc, Target, WsRpc, WsStream};
 use crate::limits;
 use crate::report::{new_histogram, Latency};
-use crate::reserve::{create_hot_event, parse_duration, run_id, string_at};
+use crate::reserve::{create_hot_event, parse_duration, run_id, string_at, ticket_type_count};
 use crate::Failure;
 
 /// Flags of `loadgen fanout`.
@@ -736,21 +736,7 @@ async fn reserve_paced(
 
 /// `version` of the ticket type as `events.get` reports it.
 async fn current_version(http: &HttpRpc, fixture: &Fixture) -> Result<u64, String> {
-    let event = http
-        .call("events.get", json!({"event_id": fixture.event_id}), None)
-        .await
-        .map_err(|e| format!("events.get: {e}"))?;
-    event
-        .get("ticket_types")
-        .and_then(Value::as_array)
-        .and_then(|types| {
-            types
-                .iter()
-                .find(|t| t.get("id").and_then(Value::as_str) == Some(&fixture.ticket_type_id))
-        })
-        .and_then(|t| t.get("version"))
-        .and_then(Value::as_u64)
-        .ok_or_else(|| format!("events.get: no version for the ticket type in {event}"))
+    ticket_type_count(http, &fixture.event_id, &fixture.ticket_type_id, "version").await
 }
 
 /// The figures over all subscribers.

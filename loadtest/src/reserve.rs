@@ -322,21 +322,37 @@ async fn connect_all(args: &ReserveArgs, tokens: &[String]) -> Result<Vec<WsRpc>
 
 /// `available` of the hot ticket type as `events.get` reports it.
 async fn available(http: &HttpRpc, fixture: &Fixture) -> Result<u64, String> {
+    ticket_type_count(
+        http,
+        &fixture.event_id,
+        &fixture.ticket_type_id,
+        "available",
+    )
+    .await
+}
+
+/// A count (`available`, `version`) of one ticket type as `events.get` reports it.
+pub(crate) async fn ticket_type_count(
+    http: &HttpRpc,
+    event_id: &str,
+    ticket_type_id: &str,
+    field: &str,
+) -> Result<u64, String> {
     let event = http
-        .call("events.get", json!({"event_id": fixture.event_id}), None)
+        .call("events.get", json!({"event_id": event_id}), None)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("events.get: {e}"))?;
     event
         .get("ticket_types")
         .and_then(Value::as_array)
         .and_then(|types| {
             types
                 .iter()
-                .find(|t| t.get("id").and_then(Value::as_str) == Some(&fixture.ticket_type_id))
+                .find(|t| t.get("id").and_then(Value::as_str) == Some(ticket_type_id))
         })
-        .and_then(|t| t.get("available"))
+        .and_then(|t| t.get(field))
         .and_then(Value::as_u64)
-        .ok_or_else(|| format!("no available count for the ticket type in {event}"))
+        .ok_or_else(|| format!("events.get: no {field} for the ticket type in {event}"))
 }
 
 /// State all connections share.

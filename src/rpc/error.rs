@@ -174,18 +174,11 @@ impl RpcError {
     }
 }
 
-/// Storage failures: a corrupt row is a bug (internal); anything else means the database
-/// cannot serve now, and nothing was changed.
+/// Storage failures are mapped as the engine maps them: a database that cannot serve is
+/// `UNAVAILABLE` (nothing changed), anything else is a bug (internal).
 impl From<crate::store::StoreError> for RpcError {
     fn from(error: crate::store::StoreError) -> Self {
-        use crate::store::StoreError;
-        match error {
-            StoreError::Corrupt { .. } | StoreError::Duplicate(_) => RpcError::internal(error),
-            StoreError::Database(cause) => {
-                tracing::error!(%cause, "storage failed");
-                RpcError::Unavailable
-            }
-        }
+        crate::engine::EngineError::from(error).into()
     }
 }
 

@@ -463,13 +463,13 @@ where
 }
 
 impl TestApp {
-    /// A customer stored directly (no password hashing) and a token minted for them:
-    /// the fastest way to get many logged-in users. Returns `(user id, token)`.
-    pub async fn quick_customer(&self) -> (String, String) {
+    /// A user stored directly (no password hashing) and a token minted for them: the
+    /// fastest way to get many logged-in users. Returns `(user id, token)`.
+    async fn quick_user(&self, role: Role) -> (String, String) {
         let user = User {
             id: UserId::new(),
-            email: format!("quick-{}@example.com", UserId::new()),
-            role: Role::Customer,
+            email: format!("quick-{}-{}@example.com", role.as_str(), UserId::new()),
+            role,
         };
         let now = self.app.clock.now();
         self.app
@@ -477,24 +477,18 @@ impl TestApp {
             .insert_user(&user, "not-a-password-hash", now)
             .await
             .unwrap();
-        let (token, _) = self.app.tokens.issue(user.id, Role::Customer, now);
+        let (token, _) = self.app.tokens.issue(user.id, role, now);
         (user.id.to_string(), token)
     }
 
-    /// An admin stored directly and a token minted for them (no password hashing).
+    /// A customer made by [`TestApp::quick_user`]: `(user id, token)`.
+    pub async fn quick_customer(&self) -> (String, String) {
+        self.quick_user(Role::Customer).await
+    }
+
+    /// An admin made by [`TestApp::quick_user`]: the token.
     pub async fn quick_admin(&self) -> String {
-        let user = User {
-            id: UserId::new(),
-            email: format!("quick-admin-{}@example.com", UserId::new()),
-            role: Role::Admin,
-        };
-        let now = self.app.clock.now();
-        self.app
-            .store
-            .insert_user(&user, "not-a-password-hash", now)
-            .await
-            .unwrap();
-        self.app.tokens.issue(user.id, Role::Admin, now).0
+        self.quick_user(Role::Admin).await.1
     }
 
     /// A WebSocket bound to the token's user at connect (`?token=`).

@@ -1,0 +1,29 @@
+# Shell functions shared by the load-test scripts. Source it after defining `log`; the
+# functions use the caller's `SERVER_PID`.
+
+# Stops the server started by the script: SIGTERM, then SIGKILL after 10 s.
+stop_server() {
+	if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+		log "stopping the server (SIGTERM)…"
+		kill -TERM "$SERVER_PID" 2>/dev/null || true
+		for _ in $(seq 1 100); do
+			kill -0 "$SERVER_PID" 2>/dev/null || break
+			sleep 0.1
+		done
+		if kill -0 "$SERVER_PID" 2>/dev/null; then
+			log "the server did not stop within 10 s: SIGKILL"
+			kill -KILL "$SERVER_PID" 2>/dev/null || true
+		fi
+		wait "$SERVER_PID" 2>/dev/null || true
+	fi
+	SERVER_PID=
+}
+
+# A free TCP port on the loopback interface.
+random_port() {
+	if command -v python3 >/dev/null; then
+		python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+	else
+		shuf -i 20000-60999 -n 1
+	fi
+}
