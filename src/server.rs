@@ -20,6 +20,7 @@ pub fn router(app: Arc<App>) -> Router {
     let max_body = app.settings.max_message_bytes as usize;
     Router::new()
         .route("/", get(http::index))
+        .route("/client.js", get(http::client_js))
         .route("/ws", get(ws::upgrade))
         .route("/rpc", post(http::rpc))
         .route("/lp", post(longpoll::open))
