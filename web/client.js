@@ -484,10 +484,11 @@ export class Client extends EventTarget {
   }
 
   _closed(t, code) {
+    // Calls in flight on a lost link are rejected at once, never left to time out.
+    this._failPending(t, clientError("DISCONNECTED", code === 410 ? "Long-poll session expired" : "Connection lost"));
     if (t !== this.transport) return;
     this.transport = null;
     for (const s of this._subs) s._setLive(false);
-    this._failPending(t, clientError("DISCONNECTED", code === 410 ? "Long-poll session expired" : "Connection lost"));
     if (this._stopped) return;
     if (code === 410) { this._connect(); return; } // a new session at once, then re-subscribe
     this._scheduleReconnect();
