@@ -2,6 +2,7 @@
 //! against SQLite and against a fresh PostgreSQL database per test.
 
 mod harness;
+mod recorder;
 
 mod abandoned;
 mod auth;
@@ -18,6 +19,7 @@ mod malformed;
 mod openrpc;
 mod payments;
 mod races;
+mod reference;
 mod reservations;
 mod transports;
 mod web;

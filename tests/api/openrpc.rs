@@ -51,7 +51,7 @@ pub fn assert_response_documented(doc: &Value, name: &str, response: &Value) {
             }
             assert_valid(
                 doc,
-                &spec["data"],
+                &spec["x-data-schema"],
                 &error["data"],
                 &format!("{name} error {key}"),
             );
