@@ -32,8 +32,17 @@ async fn the_web_client_is_a_page_and_its_client_library() {
             );
             let library = response.text().await.unwrap();
             assert!(library.contains("export function connect("));
-            for marker in ["\"/ws\"", "/lp", "retry_after_ms", "auth.authenticate", "pool.subscribe"] {
-                assert!(library.contains(marker), "the client library lacks {marker:?}");
+            for marker in [
+                "\"/ws\"",
+                "/lp",
+                "retry_after_ms",
+                "auth.authenticate",
+                "pool.subscribe",
+            ] {
+                assert!(
+                    library.contains(marker),
+                    "the client library lacks {marker:?}"
+                );
             }
             // The favicon is inline (no request, no 404); its SVG namespace is not an address.
             let page = page.replace("xmlns='http://www.w3.org/2000/svg'", "");
