@@ -180,8 +180,10 @@ impl App {
     /// Availability is `capacity − pending − paid`, and every pending reservation goes back
     /// under expiry with its own `expires_at` (an overdue one is released at once).
     async fn recover(&self) -> Result<(), StoreError> {
+        let epochs = self.store.take_over_events().await?;
         let held = self.store.held_per_ticket_type().await?;
         for event in self.store.load_events().await? {
+            let epoch = epochs.get(&event.id).copied().unwrap_or(0);
             let available: Vec<u32> = event
                 .ticket_types
                 .iter()
@@ -193,7 +195,8 @@ impl App {
                     u64::from(tt.capacity).saturating_sub(taken) as u32
                 })
                 .collect();
-            self.inventory.insert_event(event, &available);
+            self.inventory
+                .insert_event_at(event, &available, first_version(epoch));
         }
         let pending = self.store.pending_reservations().await?;
         let count = pending.len();
@@ -255,6 +258,13 @@ impl App {
         self.writer_store.close().await;
         self.store.close().await;
     }
+}
+
+/// The first pool version of an event in its `epoch`: `epoch * 2^32`. A run then has 2^32
+/// changes per ticket type before it would reach the next epoch's versions, and versions
+/// stay below 2^53 (exact in JavaScript numbers) for 2^21 starts.
+fn first_version(epoch: u64) -> u64 {
+    epoch.saturating_mul(1 << 32)
 }
 
 /// Releases reservations as they fall due, many at once so their commits share batches.

@@ -17,7 +17,7 @@ use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveReques
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
 use crate::core::{Clock, PaymentId, ReservationId, TicketTypeId, UserId};
 use crate::expiry::Expiry;
-use crate::store::writer::Writer;
+use crate::store::writer::{StorageHealth, Writer};
 use crate::store::{Change, PaymentRecord, Store, StoreError};
 use idempotency::{IdempotencyKeys, Idempotent, KeyedCall};
 use notify::Notifier;
@@ -112,6 +112,21 @@ impl Engine {
         &self.expiry
     }
 
+    /// Whether the database is known to be down, for `/health`.
+    pub fn storage_health(&self) -> &Arc<StorageHealth> {
+        self.writer.health()
+    }
+
+    /// While the database is known to be down, a change is refused before anything is
+    /// read or taken: the answer comes at once instead of after a connection timeout.
+    fn refuse_while_down(&self) -> Result<(), EngineError> {
+        if self.writer.health().is_down() {
+            Err(EngineError::Unavailable)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Holds tickets for `user`, all items or none; durable when it returns `Ok`.
     /// With a key, a repeat returns the first result (`Idempotent::Replayed`).
     pub async fn reserve(
@@ -120,6 +135,7 @@ impl Engine {
         items: Vec<(TicketTypeId, u32)>,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError> {
+        self.refuse_while_down()?;
         let key = self.keys.begin(user, key, self.clock.now()).await?;
         if let Some(stored) = key.replay()? {
             return Ok(stored);
@@ -175,6 +191,7 @@ impl Engine {
         user: UserId,
         id: ReservationId,
     ) -> Result<Reservation, EngineError> {
+        self.refuse_while_down()?;
         match self
             .inventory
             .begin_release(id, ReleaseKind::Cancel, Some(user), self.clock.now())
@@ -247,6 +264,7 @@ impl Engine {
         payment_token: &str,
         key: Option<KeyedCall<'_, Paid>>,
     ) -> Result<Idempotent<Paid>, EngineError> {
+        self.refuse_while_down()?;
         let key = self.keys.begin(user, key, self.clock.now()).await?;
         if let Some(stored) = key.replay()? {
             return Ok(stored);

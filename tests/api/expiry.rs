@@ -257,7 +257,7 @@ async fn a_thousand_reservations_expire(app: TestApp, label: &str) {
     assert_all_expired_in_time(&rows, MAX_LAG_MS).report(label);
 }
 
-mod redis_expiry {
+pub(crate) mod redis_expiry {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,14 +548,14 @@ mod redis_expiry {
     }
 
     /// A `redis-server` of the test's own on a free port, killed when dropped.
-    struct PrivateRedis {
+    pub(crate) struct PrivateRedis {
         port: u16,
         child: std::process::Child,
     }
 
     impl PrivateRedis {
         /// Starts it with `extra` settings and waits until it answers.
-        async fn start(port: u16, extra: &[&str]) -> Self {
+        pub(crate) async fn start(port: u16, extra: &[&str]) -> Self {
             let child = std::process::Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
@@ -574,12 +574,12 @@ mod redis_expiry {
             redis
         }
 
-        fn url(&self) -> String {
+        pub(crate) fn url(&self) -> String {
             format!("redis://127.0.0.1:{}", self.port)
         }
 
         /// SIGKILL: no goodbye to the clients.
-        fn kill(&mut self) {
+        pub(crate) fn kill(&mut self) {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -591,7 +591,7 @@ mod redis_expiry {
         }
     }
 
-    fn free_port() -> u16 {
+    pub(crate) fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

@@ -143,10 +143,21 @@ pub async fn verify_token(app: &crate::app::App, token: &str) -> Result<Principa
             TokenError::Invalid => AuthFailure::Invalid,
         })
     })?;
+    // While the database is known to be down the user cannot be read: answered at once
+    // rather than after a connection timeout (calls needing a user are UNAVAILABLE).
+    let storage = app.engine.storage_health();
+    if storage.is_down() {
+        return Err(crate::engine::EngineError::Unavailable.into());
+    }
     let user = app
         .store
         .user_by_id(verified.user_id)
-        .await?
+        .await
+        .inspect_err(|error| {
+            if crate::store::writer::unreachable(error) {
+                storage.mark_down();
+            }
+        })?
         .ok_or(RpcError::Unauthenticated(AuthFailure::Invalid))?;
     Ok(Principal {
         user,
