@@ -33,10 +33,7 @@ pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     }
     // Not UTF-8 cannot be JSON: answered as a parse error by the dispatcher.
     let text = String::from_utf8_lossy(&body).into_owned();
-    let ctx = Ctx {
-        app: Arc::clone(&app),
-        session,
-    };
+    let ctx = Ctx::new(Arc::clone(&app.services), session);
     match handle_detached(ctx, text, None).await {
         Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),

@@ -204,10 +204,7 @@ pub async fn call(State(app): State<Arc<App>>, Path(id): Path<String>, body: Byt
     }
     lp.touch();
     let text = String::from_utf8_lossy(&body).into_owned();
-    let ctx = Ctx {
-        app: Arc::clone(&app),
-        session: Arc::clone(&lp.session),
-    };
+    let ctx = Ctx::new(Arc::clone(&app.services), Arc::clone(&lp.session));
     let response = handle_detached(ctx, text, Some(Arc::clone(&lp.calls))).await;
     lp.touch();
     match response {

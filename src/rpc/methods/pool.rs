@@ -4,9 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::EventId;
 use crate::fanout::SubscriptionId;
-use crate::rpc::dispatch::{Access, Ctx, Methods};
+use crate::rpc::dispatch::{Access, Methods};
 use crate::rpc::session::{Push, MAX_SUBSCRIPTIONS};
 use crate::rpc::types::{parse_id, PoolJson};
+use crate::rpc::Ctx;
 use crate::rpc::RpcError;
 
 pub fn register(methods: &mut Methods) {
@@ -36,7 +37,7 @@ struct Subscribed {
 async fn subscribe(ctx: Ctx, params: SubscribeParams) -> Result<Subscribed, RpcError> {
     let push = push(&ctx)?;
     let event_id: EventId = parse_id(&params.event_id)?;
-    if ctx.app.inventory.pools(event_id).is_none() {
+    if ctx.services.catalog.pools(event_id).is_none() {
         return Err(RpcError::NotFound);
     }
     let subscription = push.subscribe(event_id).ok_or_else(|| {
@@ -48,8 +49,8 @@ async fn subscribe(ctx: Ctx, params: SubscribeParams) -> Result<Subscribed, RpcE
     // The snapshot is taken after subscribing, so no change can fall between the two; an
     // update older than the snapshot is recognised by its version.
     let pools = ctx
-        .app
-        .inventory
+        .services
+        .catalog
         .pools(event_id)
         .ok_or(RpcError::NotFound)?;
     Ok(Subscribed {
