@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,16 +15,18 @@ use crate::auth::{Accounts, Passwords, Tokens};
 use crate::catalog::{Catalog, CatalogService, CreateEventError, FieldError};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
-use crate::core::{Clock, ReservationId, SystemClock};
+use crate::core::reservation::{Reservation, Status};
+use crate::core::{Clock, ReservationId, SystemClock, Timestamp, UserId};
 use crate::engine::payments::TestPayments;
+use crate::engine::ports::{Commits, Records};
 use crate::engine::{Engine, EngineParts};
 use crate::expiry::{Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::{methods, Services};
-use crate::store::writer::Writer;
-use crate::store::{Store, StoreError};
+use crate::store::writer::{StorageHealth, WriteError, Writer};
+use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
 use crate::transport::longpoll::LongPollSessions;
 
 /// The machine-readable contract, served by `rpc.discover`.
@@ -46,6 +49,8 @@ pub struct App {
     writer_store: Store,
     pub inventory: Arc<Inventory>,
     pub engine: Arc<Engine>,
+    /// Whether the database is known to be down (the writer probes it until it answers).
+    pub storage_health: Arc<StorageHealth>,
     pub catalog: Arc<Catalog>,
     pub fanout: Arc<FanOut>,
     pub long_polls: LongPollSessions,
@@ -114,10 +119,11 @@ impl App {
         };
         let expiry =
             crate::expiry::start(&settings, Arc::clone(&clock), deliveries, &background).await?;
+        let storage_health = Arc::clone(writer.health());
         let engine = Arc::new(Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
-            store: store.clone(),
-            writer,
+            store: Arc::new(store.clone()),
+            writer: Arc::new(writer),
             expiry,
             payments: Arc::new(TestPayments),
             notifier: fanout.clone(),
@@ -142,7 +148,7 @@ impl App {
                     passwords.clone(),
                     Arc::clone(&clock),
                 )
-                .watching(Arc::clone(engine.storage_health())),
+                .watching(Arc::clone(&storage_health)),
             ),
             subscriptions: Arc::clone(&fanout),
             clock: Arc::clone(&clock),
@@ -172,6 +178,7 @@ impl App {
             writer_store,
             inventory,
             engine,
+            storage_health,
             fanout,
             long_polls: LongPollSessions::default(),
             metrics,
@@ -366,4 +373,51 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
         options.mode(0o600);
     }
     options.open(path)?.write_all(contents.as_bytes())
+}
+
+/// The engine's writer port is the group-commit writer.
+#[async_trait]
+impl Commits for Writer {
+    async fn commit(
+        &self,
+        change: Change,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<(), WriteError> {
+        Writer::commit(self, change, idempotency).await
+    }
+
+    fn is_down(&self) -> bool {
+        self.health().is_down()
+    }
+}
+
+/// The engine reads what is committed from the database.
+#[async_trait]
+impl Records for Store {
+    async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, StoreError> {
+        Store::reservation(self, id).await
+    }
+
+    async fn reservations_of(
+        &self,
+        user: UserId,
+        status: Option<Status>,
+        limit: usize,
+    ) -> Result<Vec<Reservation>, StoreError> {
+        Store::reservations_of(self, user, status, limit).await
+    }
+
+    async fn idempotency(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError> {
+        Store::idempotency(self, user, method, key, now).await
+    }
+
+    async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError> {
+        Store::delete_old_idempotency_keys(self, now).await
+    }
 }

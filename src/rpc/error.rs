@@ -115,7 +115,7 @@ impl RpcError {
             } => Some(json!({
                 "reason": reason,
                 "ticket_type_id": ticket_type_id.to_string(),
-                "rule": super::types::rule_json(rule),
+                "rule": crate::shapes::rule_json(rule),
             })),
             Self::RateLimited { retry_after_ms } => {
                 Some(json!({"reason": reason, "retry_after_ms": retry_after_ms}))

@@ -9,7 +9,6 @@ pub mod error;
 pub(crate) mod fakes;
 pub mod methods;
 pub mod session;
-pub mod types;
 pub mod wire;
 
 pub use context::{Ctx, Services};

@@ -43,7 +43,7 @@ pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
 /// 200 when storage answers, 503 naming the failing part otherwise. A database known to be
 /// down is reported at once, without waiting for a connection.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
-    let storage_health = app.engine.storage_health();
+    let storage_health = &app.storage_health;
     let storage = !storage_health.is_down()
         && matches!(
             tokio::time::timeout(PING_TIMEOUT, app.store.ping()).await,

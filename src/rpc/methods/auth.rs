@@ -6,8 +6,8 @@ use crate::auth::SignedIn;
 use crate::core::{Email, Password, PasswordError};
 use crate::rpc::dispatch::{Access, Methods};
 use crate::rpc::methods::NoParams;
-use crate::rpc::types::{time_json, UserJson};
 use crate::rpc::{Ctx, Principal, RpcError};
+use crate::shapes::{time_json, UserJson};
 
 pub fn register(methods: &mut Methods) {
     methods.register("auth.register", Access::Public, register_user);

@@ -5,9 +5,10 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{CreateEventError, EventDraft};
 use crate::core::{EventId, Timestamp};
 use crate::rpc::dispatch::{Access, Methods};
-use crate::rpc::types::{parse_id, EventJson};
+use crate::rpc::methods::parse_id;
 use crate::rpc::Ctx;
 use crate::rpc::RpcError;
+use crate::shapes::EventJson;
 
 pub fn register(methods: &mut Methods) {
     methods.register("events.list", Access::Public, list);

@@ -10,9 +10,10 @@ use crate::core::{ReservationId, TicketTypeId, MAX_COUNT};
 use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall, MAX_KEY_CHARS};
 use crate::engine::Paid;
 use crate::rpc::dispatch::{Access, Methods};
-use crate::rpc::types::{parse_id, MoneyJson, ReservationJson};
+use crate::rpc::methods::parse_id;
 use crate::rpc::Ctx;
 use crate::rpc::RpcError;
+use crate::shapes::{MoneyJson, ReservationJson};
 
 pub fn register(methods: &mut Methods) {
     methods.register("tickets.reserve", Access::User, reserve);
