@@ -680,6 +680,117 @@ pub(crate) mod redis_expiry {
         .await;
     }
 
+    /// `DBSIZE` of a Redis of the test's own (it holds only this test's keys).
+    async fn dbsize(addr: &str) -> Option<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"DBSIZE\r\n").await.ok()?;
+        let mut reply = [0u8; 32];
+        let n = stream.read(&mut reply).await.ok()?;
+        let text = std::str::from_utf8(&reply[..n]).ok()?;
+        text.strip_prefix(':')?.trim().parse().ok()
+    }
+
+    /// Reserves `count` single tickets over `connections` WebSockets of one customer.
+    async fn reserve_many(
+        app: &TestApp,
+        token: &str,
+        tt: &Value,
+        count: usize,
+        connections: usize,
+    ) -> Vec<Value> {
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let mut client = app.ws_as(token).await;
+            let params = json!({"items": [{"ticket_type_id": tt, "quantity": 1}]});
+            let each = count / connections;
+            tasks.push(tokio::spawn(async move {
+                let mut reserved = Vec::with_capacity(each);
+                for _ in 0..each {
+                    reserved.push(client.ok("tickets.reserve", params.clone()).await);
+                }
+                reserved
+            }));
+        }
+        join_all(tasks)
+            .await
+            .into_iter()
+            .flat_map(|r| r.unwrap())
+            .collect()
+    }
+
+    /// Redis killed and started again empty while reservations stream in: the keys of the
+    /// reservations still pending are written again (not left to the sweeper), so each is
+    /// released within 1 s of its `expires_at`; those due while Redis was away are released
+    /// as soon as it is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_restarted_empty_under_load_gets_its_keys_back_and_expires_in_time() {
+        if !redis_server_binary_available() {
+            return;
+        }
+        const BEFORE: usize = 800;
+        const DURING: usize = 400;
+        let ttl = Duration::from_secs(10);
+        let port = free_port();
+        let mut redis = PrivateRedis::start(port, &[]).await;
+        let url = redis.url();
+        let prefix = test_prefix();
+        with_app(
+            Backend::Postgres,
+            on_redis(&url, &prefix, ttl),
+            |app| async move {
+                wait_healthy(&app, Duration::from_secs(5)).await;
+                let admin = app.quick_admin().await;
+                let (event_id, tts) = app
+                    .create_pools(&admin, &[(10_000, json!({"kind": "any"}))])
+                    .await;
+                let (_, token) = app.quick_customer().await;
+                let before = reserve_many(&app, &token, &tts[0], BEFORE, 16).await;
+
+                redis.kill();
+                let during = reserve_many(&app, &token, &tts[0], DURING, 16).await;
+                redis = PrivateRedis::start(port, &[]).await;
+                let back = now_ms();
+                wait_healthy(&app, Duration::from_secs(10)).await;
+                let first_due = before
+                    .iter()
+                    .map(|r| millis(&r["expires_at"]))
+                    .min()
+                    .unwrap();
+                assert!(
+                    now_ms() < first_due,
+                    "too slow: Redis was back only after the first reservation fell due"
+                );
+                // The empty Redis holds every pending reservation's key again.
+                let addr = format!("127.0.0.1:{port}");
+                poll_until(
+                    Duration::from_secs(5),
+                    "every key to be written again",
+                    || async { (dbsize(&addr).await? >= (BEFORE + DURING) as u64).then_some(()) },
+                )
+                .await;
+                let all = [before, during].concat();
+                let last_due = all.iter().map(|r| millis(&r["expires_at"])).max().unwrap();
+                poll_until(
+                    until(last_due, Duration::from_secs(5)),
+                    "every reservation to be released",
+                    || async { (app.pool(&event_id, 0).await.0 == 10_000).then_some(()) },
+                )
+                .await;
+                let rows = stored_reservations(&app).await;
+                assert_eq!(rows.len(), BEFORE + DURING);
+                assert!(
+                    rows.values().all(|r| r.expires_at > back),
+                    "all fell due after Redis was back"
+                );
+                assert_all_expired_in_time(&rows, MAX_LAG_MS)
+                    .report("Redis restarted empty under load (re-armed)");
+                drop(redis);
+            },
+        )
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redis_that_refuses_config_but_publishes_expired_keys_still_expires_in_time() {
         if !redis_server_binary_available() {
