@@ -1034,3 +1034,92 @@ async fn payment_racing_expiry(app: TestApp) {
         refused.len()
     );
 }
+
+/// Reserves one ticket at a time over 64 WebSockets for 10 s (as fast as the server takes
+/// them; the figure is ~4,000/s) with a TTL of 5 s, then reports how long after
+/// `expires_at` each was released.
+async fn expiry_lag_under_load(app: TestApp, label: &str) {
+    const CONNECTIONS: usize = 64;
+    const CAPACITY: u32 = 1_000_000;
+    let admin = app.quick_admin().await;
+    let (event_id, tts) = app
+        .create_pools(&admin, &[(CAPACITY, json!({"kind": "any"}))])
+        .await;
+    let users = join_all((0..8).map(|_| app.quick_customer())).await;
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    let mut tasks = Vec::new();
+    for i in 0..CONNECTIONS {
+        let mut client = app.ws_as(&users[i % users.len()].1).await;
+        let params = json!({"items": [{"ticket_type_id": tts[0], "quantity": 1}]});
+        tasks.push(tokio::spawn(async move {
+            let mut last_due = 0;
+            let mut made = 0u64;
+            // Bounded by time and by count.
+            while std::time::Instant::now() < deadline && made < 100_000 {
+                let reservation = client.ok("tickets.reserve", params.clone()).await;
+                last_due = last_due.max(millis(&reservation["expires_at"]));
+                made += 1;
+            }
+            (made, last_due)
+        }));
+    }
+    let results: Vec<(u64, i64)> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let made: u64 = results.iter().map(|r| r.0).sum();
+    let rate = made as f64 / started.elapsed().as_secs_f64();
+    let last_due = results.iter().map(|r| r.1).max().unwrap();
+    poll_until(
+        until(last_due, Duration::from_secs(30)),
+        "every reservation to be released",
+        || async { (app.pool(&event_id, 0).await.0 == u64::from(CAPACITY)).then_some(()) },
+    )
+    .await;
+    let rows = stored_reservations(&app).await;
+    assert_eq!(rows.len() as u64, made);
+    Lags::of(&rows).report(&format!("{label}, {made} reservations at {rate:.0}/s"));
+}
+
+/// Benchmarks, not tests: they load both cores for about 20 s each and print figures, so
+/// they are ignored in the suite. Run with
+/// `cargo test --release --test api expiry_lag_under_load -- --ignored --nocapture --test-threads 1`.
+mod expiry_lag {
+    use super::*;
+
+    fn loaded(redis: Option<(String, String)>) -> impl FnOnce(&mut Settings) {
+        move |s: &mut Settings| {
+            s.reservation_ttl = Duration::from_secs(5);
+            s.rate_limit = 1_000_000;
+            s.rate_burst = 1_000_000;
+            if let Some((url, prefix)) = redis {
+                s.redis_url = Some(url);
+                s.redis_prefix = prefix;
+            }
+        }
+    }
+
+    #[ignore = "benchmark: loads the machine for ~20 s and prints the expiry lag"]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expiry_lag_under_load_redis_postgres() {
+        if !redis_available().await {
+            return;
+        }
+        let redis = Some((REDIS_URL.to_owned(), test_prefix()));
+        with_app(Backend::Postgres, loaded(redis), |app| async move {
+            expiry_lag_under_load(app, "Redis + PostgreSQL").await;
+        })
+        .await;
+    }
+
+    #[ignore = "benchmark: loads the machine for ~20 s and prints the expiry lag"]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expiry_lag_under_load_in_process_postgres() {
+        with_app(Backend::Postgres, loaded(None), |app| async move {
+            expiry_lag_under_load(app, "in-process timer + PostgreSQL").await;
+        })
+        .await;
+    }
+}
