@@ -119,10 +119,6 @@ impl Store {
         Ok(Self { pool, backend })
     }
 
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
