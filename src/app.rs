@@ -25,7 +25,7 @@ use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::{methods, Services};
-use crate::store::writer::{WriteError, Writer};
+use crate::store::writer::{StorageHealth, WriteError, Writer};
 use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
 use crate::transport::longpoll::LongPollSessions;
 
@@ -47,6 +47,8 @@ pub struct App {
     writer_store: Store,
     pub inventory: Arc<Inventory>,
     pub engine: Arc<Engine>,
+    /// Whether the database is known to be down (the writer probes it until it answers).
+    pub storage_health: Arc<StorageHealth>,
     pub catalog: Arc<Catalog>,
     pub fanout: Arc<FanOut>,
     pub long_polls: LongPollSessions,
@@ -115,6 +117,7 @@ impl App {
         };
         let expiry =
             crate::expiry::start(&settings, Arc::clone(&clock), deliveries, &background).await?;
+        let storage_health = Arc::clone(writer.health());
         let engine = Arc::new(Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
             store: Arc::new(store.clone()),
@@ -136,12 +139,15 @@ impl App {
         let services = Arc::new(Services {
             reservations: engine.clone(),
             catalog: catalog.clone(),
-            accounts: Arc::new(Accounts::new(
-                store.clone(),
-                tokens.clone(),
-                passwords.clone(),
-                Arc::clone(&clock),
-            )),
+            accounts: Arc::new(
+                Accounts::new(
+                    store.clone(),
+                    tokens.clone(),
+                    passwords.clone(),
+                    Arc::clone(&clock),
+                )
+                .watching(Arc::clone(&storage_health)),
+            ),
             subscriptions: Arc::clone(&fanout),
             clock: Arc::clone(&clock),
             metrics: Arc::clone(&metrics),
@@ -170,6 +176,7 @@ impl App {
             writer_store,
             inventory,
             engine,
+            storage_health,
             fanout,
             long_polls: LongPollSessions::default(),
             metrics,
@@ -206,8 +213,10 @@ impl App {
     /// Availability is `capacity − pending − paid`, and every pending reservation goes back
     /// under expiry with its own `expires_at` (an overdue one is released at once).
     async fn recover(&self) -> Result<(), StoreError> {
+        let epochs = self.store.take_over_events().await?;
         let held = self.store.held_per_ticket_type().await?;
         for event in self.store.load_events().await? {
+            let epoch = epochs.get(&event.id).copied().unwrap_or(0);
             let available: Vec<u32> = event
                 .ticket_types
                 .iter()
@@ -219,7 +228,8 @@ impl App {
                     u64::from(tt.capacity).saturating_sub(taken) as u32
                 })
                 .collect();
-            self.inventory.insert_event(event, &available);
+            self.inventory
+                .insert_event_at(event, &available, first_version(epoch));
         }
         let pending = self.store.pending_reservations().await?;
         let count = pending.len();
@@ -271,6 +281,13 @@ impl App {
         self.writer_store.close().await;
         self.store.close().await;
     }
+}
+
+/// The first pool version of an event in its `epoch`: `epoch * 2^32`. A run then has 2^32
+/// changes per ticket type before it would reach the next epoch's versions, and versions
+/// stay below 2^53 (exact in JavaScript numbers) for 2^21 starts.
+fn first_version(epoch: u64) -> u64 {
+    epoch.saturating_mul(1 << 32)
 }
 
 async fn forget_old_keys(app: Arc<App>) {
@@ -338,6 +355,10 @@ impl Commits for Writer {
         idempotency: Option<IdempotencyRecord>,
     ) -> Result<(), WriteError> {
         Writer::commit(self, change, idempotency).await
+    }
+
+    fn is_down(&self) -> bool {
+        self.health().is_down()
     }
 }
 

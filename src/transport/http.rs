@@ -15,6 +15,9 @@ use crate::app::App;
 use crate::rpc::dispatch::handle_detached;
 use crate::rpc::{Ctx, Session, Transport};
 
+/// How long `/health` waits for the database before it counts as down.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The bundled web client.
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 /// The JavaScript client library (an ES module), documented in `protocol/client.md`.
@@ -40,12 +43,19 @@ pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     }
 }
 
-/// 200 when storage answers, 503 naming the failing part otherwise.
+/// 200 when storage answers, 503 naming the failing part otherwise. A database known to be
+/// down is reported at once, without waiting for a connection.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
-    let storage = matches!(
-        tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
-        Ok(Ok(()))
-    );
+    let storage_health = &app.storage_health;
+    let storage = !storage_health.is_down()
+        && matches!(
+            tokio::time::timeout(PING_TIMEOUT, app.store.ping()).await,
+            Ok(Ok(()))
+        );
+    if !storage {
+        // The writer probes from now on, and clears it when the database answers.
+        storage_health.mark_down();
+    }
     let expiry = app.engine.expiry().healthy();
     let status = if storage && expiry { "ok" } else { "degraded" };
     let part = |ok: bool| if ok { "ok" } else { "down" };

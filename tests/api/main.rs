@@ -11,6 +11,7 @@ mod cli;
 mod crash;
 mod durability;
 mod expiry;
+mod faults;
 mod jsonrpc;
 mod limits;
 mod live;
