@@ -95,16 +95,37 @@ async fn add_user(
     Ok(())
 }
 
-async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(), CommandError> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let drafts: Vec<EventDraft> =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-    // Validate everything first, so a bad file creates nothing.
-    for (i, draft) in drafts.iter().enumerate() {
+/// Reads an `events import` file: a JSON array of `admin.events.create` params, each
+/// checked as the method checks it. Everything is validated first, so a bad file creates
+/// nothing.
+pub fn parse_import(bytes: &[u8]) -> Result<Vec<EventDraft>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let serde_json::Value::Array(entries) = value else {
+        return Err("expected an array of events".to_owned());
+    };
+    let mut drafts = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let serde_json::Value::Object(object) = entry else {
+            return Err(format!("event [{i}]: expected an object"));
+        };
+        crate::rpc::shape::objects_only(&object, "")
+            .map_err(|e| format!("event [{i}]: {}: {}", e.field, e.message))?;
+        let draft: EventDraft =
+            serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|e| {
+                format!("event [{i}]: {}: {}", e.path(), e.inner())
+            })?;
         draft
             .validate()
-            .map_err(|e| format!("{}: event [{i}]: {e}", file.display()))?;
+            .map_err(|e| format!("event [{i}]: {e}"))?;
+        drafts.push(draft);
     }
+    Ok(drafts)
+}
+
+async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(), CommandError> {
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let drafts = parse_import(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
     let app = App::start(Settings {
         demo: false,
         ..settings
@@ -115,4 +136,20 @@ async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(),
         println!("created event {} ({})", event.name, event.id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_import_file_refuses_arrays_in_place_of_objects() {
+        let file = br#"[{"name": "x", "starts_at": "2027-01-01T00:00:00Z",
+            "ticket_types": [{"name": "a", "price": [100, "EUR"], "capacity": 1, "rule": {"kind": "any"}}]}]"#;
+        let error = parse_import(file).unwrap_err();
+        assert!(error.contains("ticket_types[0].price"), "{error}");
+        assert!(parse_import(b"[[\"x\"]]").is_err());
+        assert!(parse_import(b"\xff").unwrap_err().contains("UTF-8"));
+        assert_eq!(parse_import(b"[]").unwrap().len(), 0);
+    }
 }

@@ -15,7 +15,7 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Missing => "missing",
             Self::Invalid => "invalid",
@@ -31,7 +31,7 @@ pub enum RpcError {
     MethodNotFound,
     #[error("invalid params: {field}: {message}")]
     InvalidParams { field: String, message: String },
-    #[error("not authenticated ({0:?})")]
+    #[error("not authenticated ({})", .0.as_str())]
     Unauthenticated(AuthFailure),
     #[error("invalid email or password")]
     InvalidCredentials,
@@ -231,6 +231,27 @@ impl From<crate::engine::EngineError> for RpcError {
             E::PaymentUnavailable => RpcError::PaymentUnavailable,
             E::Unavailable => RpcError::Unavailable,
             E::Internal(cause) => RpcError::Internal(cause),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_plain_words_without_debug_formatting() {
+        for why in [
+            AuthFailure::Missing,
+            AuthFailure::Invalid,
+            AuthFailure::Expired,
+        ] {
+            let message = RpcError::Unauthenticated(why).to_error_object().message;
+            assert_eq!(message, format!("not authenticated ({})", why.as_str()));
+            assert!(
+                !message.chars().any(|c| c.is_ascii_uppercase()),
+                "{message}"
+            );
         }
     }
 }

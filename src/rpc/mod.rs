@@ -6,6 +6,7 @@ pub mod dispatch;
 pub mod error;
 pub mod methods;
 pub mod session;
+pub mod shape;
 pub mod types;
 pub mod wire;
 

@@ -28,8 +28,9 @@ pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         // Calls needing a user answer UNAVAILABLE; public calls proceed.
         Bearer::Unverifiable => session.refuse_unverifiable(),
     }
-    // Not UTF-8 cannot be JSON: answered as a parse error by the dispatcher.
-    let text = String::from_utf8_lossy(&body).into_owned();
+    let Some(text) = super::utf8_or_parse_error(&body) else {
+        return super::parse_error_response();
+    };
     let ctx = Ctx {
         app: Arc::clone(&app),
         session,

@@ -203,7 +203,9 @@ pub async fn call(State(app): State<Arc<App>>, Path(id): Path<String>, body: Byt
         return gone();
     }
     lp.touch();
-    let text = String::from_utf8_lossy(&body).into_owned();
+    let Some(text) = super::utf8_or_parse_error(&body) else {
+        return super::parse_error_response();
+    };
     let ctx = Ctx {
         app: Arc::clone(&app),
         session: Arc::clone(&lp.session),

@@ -7,6 +7,7 @@ mod abandoned;
 mod auth;
 mod catalog;
 mod cli;
+mod contract_v2;
 mod crash;
 mod durability;
 mod expiry;
