@@ -23,6 +23,7 @@ use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::methods;
+use crate::rpc::session::AddressLimiter;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
 use crate::transport::longpoll::LongPollSessions;
@@ -54,6 +55,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     pub dispatcher: Dispatcher,
+    /// Logins and registrations per client address.
+    pub auth_limiter: Arc<AddressLimiter>,
     /// Caps open WebSocket connections.
     pub connection_permits: Arc<Semaphore>,
     /// Cancelled when the server begins to shut down.
@@ -134,6 +137,10 @@ impl App {
             ttl: settings.reservation_ttl,
         });
         let app = Arc::new(App {
+            auth_limiter: Arc::new(AddressLimiter::new(
+                settings.auth_rate_limit,
+                settings.auth_rate_burst,
+            )),
             connection_permits: Arc::new(Semaphore::new(settings.max_connections as usize)),
             tokens: Tokens::new(secret.as_bytes(), settings.token_ttl),
             passwords: Passwords::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -286,6 +293,7 @@ async fn sweep(app: Arc<App>, due: mpsc::Sender<ReservationId>, sweep_now: Arc<N
             () = sweep_now.notified() => {}
             () = app.stop_background.cancelled() => return,
         }
+        app.auth_limiter.forget_idle();
         for id in app.engine.overdue() {
             if due.send(id).await.is_err() {
                 return;

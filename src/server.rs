@@ -10,7 +10,7 @@ use axum::Router;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::app::App;
-use crate::transport::{http, longpoll, ws};
+use crate::transport::{http, longpoll, origin, ws};
 
 /// How long shutdown waits for open connections to finish their calls and close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -18,10 +18,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Every route of PROTOCOL §2.
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.settings.max_message_bytes as usize;
-    Router::new()
-        .route("/", get(http::index))
+    // The routes a page of another site could drive a visitor's session through.
+    let sessions = Router::new()
         .route("/ws", get(ws::upgrade))
-        .route("/rpc", post(http::rpc))
         .route("/lp", post(longpoll::open))
         .route(
             "/lp/{session}",
@@ -29,6 +28,14 @@ pub fn router(app: Arc<App>) -> Router {
                 .get(longpoll::poll)
                 .delete(longpoll::close),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app),
+            origin::check,
+        ));
+    Router::new()
+        .route("/", get(http::index))
+        .route("/rpc", post(http::rpc))
+        .merge(sessions)
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .layer(DefaultBodyLimit::max(max_body))

@@ -1,10 +1,11 @@
 //! `POST /rpc` (one-shot JSON-RPC), `GET /health`, `GET /metrics` and `GET /` (the web client).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
@@ -19,8 +20,14 @@ const INDEX_HTML: &str = include_str!("../web/index.html");
 
 /// One message in, its response out: 200 with JSON, or 204 when nothing is owed. A body
 /// over the size limit never gets here: the body limit layer answers 413.
-pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn rpc(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let session = Arc::new(Session::new(Transport::Http, None));
+    session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
     match authenticate(&app, &headers, None).await {
         Bearer::Absent => {}
         Bearer::Valid(principal) => session.bind(principal),

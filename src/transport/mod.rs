@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod longpoll;
+pub mod origin;
 pub mod ws;
 
 use axum::http::{header, HeaderMap};

@@ -105,6 +105,7 @@ async fn serve(
         Some((app.settings.rate_limit, app.settings.rate_burst)),
         Some(push),
     ));
+    session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
     if let Some(principal) = principal {
         session.bind(principal);
     }

@@ -11,6 +11,7 @@ mod contract_v2;
 mod crash;
 mod durability;
 mod expiry;
+mod hostile;
 mod jsonrpc;
 mod limits;
 mod live;

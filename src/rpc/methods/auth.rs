@@ -71,6 +71,7 @@ fn sign_in(ctx: &Ctx, user: User) -> AuthResult {
 }
 
 async fn register_user(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcError> {
+    ctx.session.take_auth_call()?;
     let email = email_param(&params.email)?;
     check_password_length(&params.password, MIN_PASSWORD_CHARS)?;
     let hash = ctx
@@ -99,6 +100,7 @@ async fn register_user(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcE
 }
 
 async fn login(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcError> {
+    ctx.session.take_auth_call()?;
     // A malformed email can belong to no one: the same answer as any unknown email.
     let email = normalize_email(&params.email);
     check_password_length(&params.password, 0)?;
