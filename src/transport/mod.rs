@@ -1,6 +1,7 @@
 //! Transports: they frame messages and nothing more. Each hands text to the one dispatch
 //! and writes back what it returns.
 
+pub mod admission;
 pub mod http;
 pub mod longpoll;
 pub mod origin;

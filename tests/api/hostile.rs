@@ -110,3 +110,100 @@ async fn a_foreign_origin_is_refused_on_websocket_and_long_poll_with_403() {
     )
     .await;
 }
+
+/// Waits until the server closes `stream` (a read returns 0 or fails), within `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// What the server answers first on a fresh connection from `source` to `GET /health`.
+async fn first_status_line(source: &str, addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let _ = stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn unfinished_requests_and_idle_keep_alive_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    with_app(
+        Backend::Sqlite,
+        |s| s.header_timeout = Duration::from_millis(500),
+        |app| async move {
+            let mut partial = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+            partial.write_all(b"GET /hea").await.unwrap();
+            let mut headers_only = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+            headers_only
+                .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                .await
+                .unwrap();
+            let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+            let mut kept_alive = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+            kept_alive
+                .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = [0u8; 12];
+            kept_alive.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"HTTP/1.1 200");
+            let within = Duration::from_secs(15);
+            assert!(closed_within(&mut partial, within).await, "a partial request line");
+            assert!(closed_within(&mut headers_only, within).await, "partial headers");
+            assert!(closed_within(&mut silent, within).await, "nothing sent");
+            assert!(closed_within(&mut kept_alive, within).await, "idle keep-alive");
+            // A whole request is still served.
+            assert!(first_status_line("127.0.0.1", app.addr).await.contains("200"));
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn connections_over_the_per_address_cap_are_answered_503() {
+    with_app(
+        Backend::Sqlite,
+        |s| s.max_connections_per_address = 3,
+        |app| async move {
+            let mut held = Vec::new();
+            for _ in 0..3 {
+                held.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+            }
+            let status = first_status_line("127.0.0.1", app.addr).await;
+            assert!(status.contains("503"), "{status:?}");
+            // Another address is not affected.
+            let status = first_status_line("127.0.0.2", app.addr).await;
+            assert!(status.contains("200"), "{status:?}");
+            drop(held);
+            crate::harness::poll_until(Duration::from_secs(10), "a place is free again", || async {
+                first_status_line("127.0.0.1", app.addr)
+                    .await
+                    .contains("200")
+                    .then_some(())
+            })
+            .await;
+        },
+    )
+    .await;
+}
