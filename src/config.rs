@@ -141,7 +141,7 @@ pub struct Settings {
     pub header_timeout: Duration,
 
     /// Most connections open at once from one client address; more are answered 503.
-    #[arg(long, env = "TICKET_API_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "TICKET_API_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_connections_per_address: u32,
 
     /// Largest message accepted, in bytes (WebSocket close 1009, HTTP 413 above it).
