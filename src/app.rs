@@ -5,25 +5,24 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Passwords, Tokens};
-use crate::catalog::{EventDraft, FieldError};
+use crate::auth::{Accounts, Passwords, Tokens};
+use crate::catalog::{Catalog, CatalogService, CreateEventError, FieldError};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
-use crate::core::{Clock, Event, ReservationId, SystemClock};
+use crate::core::{Clock, ReservationId, SystemClock};
 use crate::engine::payments::TestPayments;
 use crate::engine::{Engine, EngineParts};
 use crate::expiry::{Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
-use crate::rpc::methods;
 use crate::rpc::session::AddressLimiter;
+use crate::rpc::{methods, Services};
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
 use crate::transport::longpoll::LongPollSessions;
@@ -47,14 +46,16 @@ pub struct App {
     /// The writer's own connection.
     writer_store: Store,
     pub inventory: Arc<Inventory>,
-    pub engine: Engine,
+    pub engine: Arc<Engine>,
+    pub catalog: Arc<Catalog>,
     pub fanout: Arc<FanOut>,
     pub long_polls: LongPollSessions,
     pub tokens: Tokens,
     pub passwords: Passwords,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
-    pub dispatcher: Dispatcher,
+    /// What the method table runs with.
+    pub services: Arc<Services>,
     /// Logins and registrations per client address.
     pub auth_limiter: Arc<AddressLimiter>,
     /// Caps open WebSocket connections.
@@ -63,7 +64,6 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Connection tasks, so shutdown can wait for them.
     pub tasks: TaskTracker,
-    pub openrpc: Value,
     /// Expiry, sweeper and clean-up tasks, stopped after the connections.
     background: TaskTracker,
     stop_background: CancellationToken,
@@ -86,15 +86,6 @@ pub enum StartError {
     Demo(FieldError),
     #[error("expiry: {0}")]
     Expiry(#[from] ExpiryStartError),
-}
-
-/// Why an event could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateEventError {
-    #[error(transparent)]
-    Invalid(#[from] FieldError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
 }
 
 impl App {
@@ -126,7 +117,7 @@ impl App {
         };
         let expiry =
             crate::expiry::start(&settings, Arc::clone(&clock), deliveries, &background).await?;
-        let engine = Engine::new(EngineParts {
+        let engine = Arc::new(Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
             store: store.clone(),
             writer,
@@ -135,6 +126,35 @@ impl App {
             notifier: fanout.clone(),
             clock: Arc::clone(&clock),
             ttl: settings.reservation_ttl,
+        }));
+        let tokens = Tokens::new(secret.as_bytes(), settings.token_ttl);
+        let passwords = Passwords::new(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let catalog = Arc::new(Catalog::new(
+            store.clone(),
+            Arc::clone(&inventory),
+            Arc::clone(&clock),
+        ));
+        let tasks = TaskTracker::new();
+        let services = Arc::new(Services {
+            reservations: engine.clone(),
+            catalog: catalog.clone(),
+            accounts: Arc::new(Accounts::new(
+                store.clone(),
+                tokens.clone(),
+                passwords.clone(),
+                Arc::clone(&clock),
+            )),
+            subscriptions: Arc::clone(&fanout),
+            clock: Arc::clone(&clock),
+            metrics: Arc::clone(&metrics),
+            tasks: tasks.clone(),
+            openrpc: serde_json::from_str(OPENRPC).expect("protocol/openrpc.json is valid JSON"),
+            dispatcher: Dispatcher::new(
+                methods::all(),
+                Limits {
+                    max_batch: settings.max_batch as usize,
+                },
+            ),
         });
         let app = Arc::new(App {
             auth_limiter: Arc::new(AddressLimiter::new(
@@ -142,17 +162,12 @@ impl App {
                 settings.auth_rate_burst,
             )),
             connection_permits: Arc::new(Semaphore::new(settings.max_connections as usize)),
-            tokens: Tokens::new(secret.as_bytes(), settings.token_ttl),
-            passwords: Passwords::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
-            dispatcher: Dispatcher::new(
-                methods::all(),
-                Limits {
-                    max_batch: settings.max_batch as usize,
-                },
-            ),
-            openrpc: serde_json::from_str(OPENRPC).expect("protocol/openrpc.json is valid JSON"),
+            tokens,
+            passwords,
+            services,
+            catalog,
             shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks,
             background,
             stop_background,
             stop_writer,
@@ -219,7 +234,7 @@ impl App {
             return Ok(());
         }
         for draft in crate::demo::events() {
-            match self.create_event(&draft).await {
+            match self.catalog.create_event(&draft).await {
                 Ok(_) => {}
                 Err(CreateEventError::Invalid(e)) => return Err(StartError::Demo(e)),
                 Err(CreateEventError::Store(e)) => return Err(e.into()),
@@ -227,16 +242,6 @@ impl App {
         }
         tracing::info!("seeded the demo events");
         Ok(())
-    }
-
-    /// Validates a draft, stores the event and puts its pools in the inventory.
-    pub async fn create_event(&self, draft: &EventDraft) -> Result<Event, CreateEventError> {
-        let event = draft.validate()?;
-        self.store.insert_event(&event, self.clock.now()).await?;
-        let available: Vec<u32> = event.ticket_types.iter().map(|tt| tt.capacity).collect();
-        self.inventory.insert_event(event.clone(), &available);
-        tracing::info!(event_id = %event.id, name = %event.name, "event created");
-        Ok(event)
     }
 
     /// The last step of shutdown, after the connections: stops expiry and the sweeper,

@@ -1,13 +1,92 @@
-//! Creating events: the validation of an event draft (from `admin.events.create`,
-//! `ticket-api events import` or the demo seed) and its creation in storage and inventory.
+//! The catalog: the validation of an event draft (from `admin.events.create`,
+//! `ticket-api events import` or the demo seed), its creation in storage and inventory,
+//! and the reads of events with their live availability, behind the [`CatalogService`]
+//! port the methods use.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use serde::Deserialize;
 
+use crate::core::inventory::{Inventory, PoolState};
 use crate::core::{
-    Currency, Event, EventId, Money, Rule, TicketType, TicketTypeId, Timestamp, MAX_COUNT,
+    Clock, Currency, Event, EventId, Money, Rule, TicketType, TicketTypeId, Timestamp, MAX_COUNT,
 };
+use crate::store::{Store, StoreError};
+
+/// Why an event could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateEventError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An event and the live state of its ticket types, in ticket type order.
+pub type EventWithPools = (Arc<Event>, Vec<PoolState>);
+
+/// What the methods ask of the catalog.
+#[async_trait]
+pub trait CatalogService: Send + Sync + 'static {
+    /// Up to `limit` events in `(starts_at, id)` order, after the given sort key.
+    fn events_after(
+        &self,
+        after: Option<(Timestamp, EventId)>,
+        limit: usize,
+    ) -> Vec<EventWithPools>;
+    fn event(&self, id: EventId) -> Option<EventWithPools>;
+    /// The live state of an event's ticket types.
+    fn pools(&self, id: EventId) -> Option<Vec<PoolState>>;
+    /// Validates a draft, stores the event and opens its pools.
+    async fn create_event(&self, draft: &EventDraft) -> Result<Event, CreateEventError>;
+}
+
+/// The catalog of this server: events in storage, their pools in the inventory.
+pub struct Catalog {
+    store: Store,
+    inventory: Arc<Inventory>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Catalog {
+    pub fn new(store: Store, inventory: Arc<Inventory>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            inventory,
+            clock,
+        }
+    }
+}
+
+#[async_trait]
+impl CatalogService for Catalog {
+    fn events_after(
+        &self,
+        after: Option<(Timestamp, EventId)>,
+        limit: usize,
+    ) -> Vec<EventWithPools> {
+        self.inventory.events_after(after, limit)
+    }
+
+    fn event(&self, id: EventId) -> Option<EventWithPools> {
+        self.inventory.event(id)
+    }
+
+    fn pools(&self, id: EventId) -> Option<Vec<PoolState>> {
+        self.inventory.pools(id)
+    }
+
+    async fn create_event(&self, draft: &EventDraft) -> Result<Event, CreateEventError> {
+        let event = draft.validate()?;
+        self.store.insert_event(&event, self.clock.now()).await?;
+        let available: Vec<u32> = event.ticket_types.iter().map(|tt| tt.capacity).collect();
+        self.inventory.insert_event(event.clone(), &available);
+        tracing::info!(event_id = %event.id, name = %event.name, "event created");
+        Ok(event)
+    }
+}
 
 /// Limits on what one event may hold.
 pub const MAX_NAME_CHARS: usize = 200;

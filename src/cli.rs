@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use crate::app::App;
-use crate::auth::password::{Passwords, MIN_PASSWORD_CHARS};
-use crate::catalog::EventDraft;
+use crate::auth::password::Passwords;
+use crate::catalog::{CatalogService, EventDraft};
 use crate::config::{Command, EventsCommand, Settings, UserCommand};
-use crate::core::{normalize_email, Clock, Role, User, UserId};
+use crate::core::{Clock, Email, Password, Role, User, UserId};
 use crate::store::Store;
 
 /// A failure of a command, printed as one line.
@@ -71,16 +71,15 @@ async fn add_user(
     password: String,
     admin: bool,
 ) -> Result<(), CommandError> {
-    let email = normalize_email(email).ok_or("--email: not an email address")?;
-    if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(format!("--password: at least {MIN_PASSWORD_CHARS} characters").into());
-    }
+    let email = Email::parse(email).ok_or("--email: not an email address")?;
+    let password =
+        Password::for_new_account(password).map_err(|why| format!("--password: {why}"))?;
     let store = Store::connect(&settings.database()).await?;
     store.migrate().await?;
-    let hash = Passwords::new(1).hash(password).await?;
+    let hash = Passwords::new(1).hash(password.into_inner()).await?;
     let user = User {
         id: UserId::new(),
-        email,
+        email: email.into(),
         role: if admin { Role::Admin } else { Role::Customer },
     };
     store
@@ -132,7 +131,7 @@ async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(),
     })
     .await?;
     for draft in &drafts {
-        let event = app.create_event(draft).await?;
+        let event = app.catalog.create_event(draft).await?;
         println!("created event {} ({})", event.name, event.id);
     }
     Ok(())

@@ -31,5 +31,6 @@ pub mod fanout;
 pub mod metrics;
 pub mod rpc;
 pub mod server;
+pub mod shapes;
 pub mod store;
 pub mod transport;

@@ -8,11 +8,6 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use tokio::sync::Semaphore;
 
-/// The shortest password a new account may have.
-pub const MIN_PASSWORD_CHARS: usize = 8;
-/// Hashing cost grows with length; nobody needs a longer password.
-pub const MAX_PASSWORD_CHARS: usize = 1024;
-
 /// Hashes and verifies passwords.
 #[derive(Clone)]
 pub struct Passwords {

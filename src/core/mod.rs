@@ -23,4 +23,6 @@ pub use money::{Currency, Money};
 pub use reservation::{InvalidStatus, ReleaseKind, Reservation, ReservationItem, Status};
 pub use rules::{Refusal, Rule};
 pub use time::{Clock, SystemClock, Timestamp};
-pub use user::{normalize_email, Role, User};
+pub use user::{
+    Email, Password, PasswordError, Role, User, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS,
+};

@@ -13,6 +13,8 @@ pub mod payments;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+
 use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
 use crate::core::{Clock, PaymentId, ReservationId, TicketTypeId, UserId};
@@ -67,6 +69,75 @@ impl From<StoreError> for EngineError {
 pub struct Paid {
     pub payment: PaymentRecord,
     pub reservation: Reservation,
+}
+
+/// What the methods ask of the reservation lifecycle. The engine of this process
+/// implements it; one that forwards to another server can stand in its place.
+#[async_trait]
+pub trait ReservationService: Send + Sync + 'static {
+    /// Holds tickets for `user`, all items or none; durable when it returns `Ok`.
+    async fn reserve(
+        &self,
+        user: UserId,
+        items: Vec<(TicketTypeId, u32)>,
+        key: Option<KeyedCall<'_, Reservation>>,
+    ) -> Result<Idempotent<Reservation>, EngineError>;
+    /// The user's reservation; another user's is `NotFound`.
+    async fn get(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError>;
+    /// The user's newest reservations (at most `limit`), optionally of one status.
+    async fn list(
+        &self,
+        user: UserId,
+        status: Option<Status>,
+        limit: usize,
+    ) -> Result<Vec<Reservation>, EngineError>;
+    async fn cancel(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError>;
+    async fn pay(
+        &self,
+        user: UserId,
+        id: ReservationId,
+        payment_token: &str,
+        key: Option<KeyedCall<'_, Paid>>,
+    ) -> Result<Idempotent<Paid>, EngineError>;
+}
+
+#[async_trait]
+impl ReservationService for Engine {
+    async fn reserve(
+        &self,
+        user: UserId,
+        items: Vec<(TicketTypeId, u32)>,
+        key: Option<KeyedCall<'_, Reservation>>,
+    ) -> Result<Idempotent<Reservation>, EngineError> {
+        Engine::reserve(self, user, items, key).await
+    }
+
+    async fn get(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError> {
+        Engine::get(self, user, id).await
+    }
+
+    async fn list(
+        &self,
+        user: UserId,
+        status: Option<Status>,
+        limit: usize,
+    ) -> Result<Vec<Reservation>, EngineError> {
+        Ok(self.store.reservations_of(user, status, limit).await?)
+    }
+
+    async fn cancel(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError> {
+        Engine::cancel(self, user, id).await
+    }
+
+    async fn pay(
+        &self,
+        user: UserId,
+        id: ReservationId,
+        payment_token: &str,
+        key: Option<KeyedCall<'_, Paid>>,
+    ) -> Result<Idempotent<Paid>, EngineError> {
+        Engine::pay(self, user, id, payment_token, key).await
+    }
 }
 
 /// The ports and state the engine works with.

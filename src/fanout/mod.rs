@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,9 +24,8 @@ use crate::core::inventory::PoolState;
 use crate::core::reservation::Reservation;
 use crate::core::{EventId, TicketTypeId, UserId};
 use crate::engine::notify::Notifier;
-use crate::rpc::types::ReservationJson;
-use crate::rpc::wire::Notification;
-pub use outbox::Outbox;
+use crate::shapes;
+pub use outbox::{Outbox, RenderedPool};
 
 /// Identifies one subscription of one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,14 +76,37 @@ impl FanOut {
         })
     }
 
-    /// Adds a subscription to an event's pool updates.
-    pub fn subscribe(&self, event_id: EventId, outbox: &Arc<Outbox>) -> SubscriptionId {
+    /// Adds a subscription to an event's pool updates and returns it with the snapshot
+    /// `snapshot` takes (`None`: no such event, nothing subscribed). The snapshot is taken
+    /// while the event's subscriber list is locked, so a flush either runs before it (and
+    /// the snapshot shows its changes) or after (and finds the subscription knowing the
+    /// snapshot's versions): no change falls between, and none is sent twice.
+    pub fn subscribe(
+        &self,
+        event_id: EventId,
+        outbox: &Arc<Outbox>,
+        snapshot: impl FnOnce() -> Option<Vec<PoolState>>,
+    ) -> Option<(SubscriptionId, Vec<PoolState>)> {
         let id = SubscriptionId(self.next_subscription.fetch_add(1, Ordering::Relaxed));
-        self.subscribers
-            .entry(event_id)
-            .or_default()
-            .insert(id, Arc::clone(outbox));
-        id
+        let taken = {
+            // The snapshot reads the inventory under this guard; the inventory never calls
+            // into the fan-out while it holds its own locks, so the two cannot deadlock.
+            let mut subscriptions = self.subscribers.entry(event_id).or_default();
+            let taken = snapshot();
+            if let Some(pools) = &taken {
+                outbox.known_from(id, pools);
+                subscriptions.insert(id, Arc::clone(outbox));
+            }
+            taken
+        };
+        match taken {
+            Some(pools) => Some((id, pools)),
+            None => {
+                self.subscribers
+                    .remove_if(&event_id, |_, subscriptions| subscriptions.is_empty());
+                None
+            }
+        }
     }
 
     pub fn unsubscribe(&self, event_id: EventId, id: SubscriptionId) {
@@ -147,12 +168,11 @@ impl FanOut {
         }
     }
 
-    /// Hands every pending change to the subscribers' outboxes.
+    /// Hands every pending change to the subscribers' outboxes. Each changed pool is
+    /// written out once; only the subscription id differs per subscriber.
     pub fn flush(&self) {
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
         for (event_id, changed) in dirty {
-            let mut pools: Vec<PoolState> = changed.into_values().collect();
-            pools.sort_by_key(|p| p.ticket_type_id);
             // Copy the subscriptions out so no map guard is held while pushing.
             let subscriptions: Vec<(SubscriptionId, Arc<Outbox>)> =
                 match self.subscribers.get(&event_id) {
@@ -162,16 +182,15 @@ impl FanOut {
                         .collect(),
                     None => continue,
                 };
+            let mut pools: Vec<PoolState> = changed.into_values().collect();
+            pools.sort_by_key(|p| p.ticket_type_id);
+            let pools: Vec<RenderedPool> = pools.into_iter().map(RenderedPool::new).collect();
+            let event_text: Arc<str> = event_id.to_string().into();
             for (id, outbox) in subscriptions {
-                outbox.push_pools(id, event_id, &pools);
+                outbox.push_pools(id, &event_text, &pools);
             }
         }
     }
-}
-
-#[derive(Serialize)]
-struct ReservationUpdated {
-    reservation: ReservationJson,
 }
 
 impl Notifier for FanOut {
@@ -196,15 +215,46 @@ impl Notifier for FanOut {
             Some(sessions) => sessions.values().cloned().collect(),
             None => return,
         };
-        let params = ReservationUpdated {
-            reservation: ReservationJson::from(reservation),
-        };
-        let text: Arc<str> =
-            serde_json::to_string(&Notification::new("reservation.updated", params))
-                .expect("serializable")
-                .into();
+        let text: Arc<str> = shapes::reservation_updated(reservation).into();
         for outbox in outboxes {
             outbox.push_event(Arc::clone(&text));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(ticket_type_id: TicketTypeId, available: u32, version: u64) -> PoolState {
+        PoolState {
+            ticket_type_id,
+            available,
+            version,
+        }
+    }
+
+    #[test]
+    fn the_first_update_after_subscribing_is_newer_than_the_snapshot() {
+        let fanout = FanOut::new(DEFAULT_WINDOW);
+        let (event, tt) = (EventId::new(), TicketTypeId::new());
+        // Committed and reported, not yet flushed: the snapshot already shows it.
+        fanout.pools_changed(event, &[pool(tt, 9, 1)]);
+        let outbox = Outbox::new(8);
+        let (_, snapshot) = fanout
+            .subscribe(event, &outbox, || Some(vec![pool(tt, 9, 1)]))
+            .unwrap();
+        fanout.flush();
+        assert_eq!(
+            outbox.drain(),
+            Vec::<String>::new(),
+            "{snapshot:?} is known"
+        );
+        fanout.pools_changed(event, &[pool(tt, 8, 2)]);
+        fanout.flush();
+        let sent = outbox.drain();
+        assert_eq!(sent.len(), 1);
+        let update: serde_json::Value = serde_json::from_str(&sent[0]).unwrap();
+        assert_eq!(update["params"]["pools"][0]["version"], 2);
     }
 }

@@ -17,14 +17,28 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use serde::Serialize;
 use tokio::sync::Notify;
 
 use super::SubscriptionId;
 use crate::core::inventory::PoolState;
-use crate::core::EventId;
-use crate::rpc::types::PoolJson;
-use crate::rpc::wire::Notification;
+use crate::core::TicketTypeId;
+use crate::shapes;
+
+/// One pool's state with its JSON, written once per flush and shared by every subscriber.
+#[derive(Clone, Debug)]
+pub struct RenderedPool {
+    pub state: PoolState,
+    pub text: Arc<str>,
+}
+
+impl RenderedPool {
+    pub fn new(state: PoolState) -> Self {
+        Self {
+            text: shapes::pool_text(&state).into(),
+            state,
+        }
+    }
+}
 
 enum Body {
     /// A notification already written out.
@@ -32,8 +46,9 @@ enum Body {
     /// The latest state of some ticket types for one subscription.
     Pools {
         subscription: SubscriptionId,
-        event_id: EventId,
-        pools: Vec<PoolState>,
+        /// The event id as text, shared by every subscriber of the event.
+        event_id: Arc<str>,
+        pools: Vec<RenderedPool>,
     },
 }
 
@@ -52,6 +67,9 @@ struct State {
     delivered_upto: u64,
     /// For each subscription, the seq of its pool entry that may still be merged into.
     open_pools: HashMap<SubscriptionId, u64>,
+    /// For each subscription, the newest version of each ticket type it has been given
+    /// (in its snapshot or queued since): only newer versions are queued (PROTOCOL §6).
+    known: HashMap<SubscriptionId, HashMap<TicketTypeId, u64>>,
     overflowed: bool,
 }
 
@@ -77,13 +95,6 @@ pub struct Outbox {
     capacity: usize,
 }
 
-#[derive(Serialize)]
-struct PoolUpdate {
-    subscription: String,
-    event_id: String,
-    pools: Vec<PoolJson>,
-}
-
 impl Outbox {
     /// An outbox holding at most `capacity` entries.
     pub fn new(capacity: usize) -> Arc<Self> {
@@ -105,10 +116,41 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Queues the new state of some pools, merged into the subscription's unsent update if
-    /// there is one. When a new entry is needed and the outbox is full, it overflows.
-    pub fn push_pools(&self, subscription: SubscriptionId, event_id: EventId, pools: &[PoolState]) {
+    /// Records what a subscription's snapshot showed: later updates carry only newer
+    /// versions.
+    pub fn known_from(&self, subscription: SubscriptionId, snapshot: &[PoolState]) {
         let mut state = self.state();
+        let known = state.known.entry(subscription).or_default();
+        for pool in snapshot {
+            let version = known.entry(pool.ticket_type_id).or_default();
+            *version = (*version).max(pool.version);
+        }
+    }
+
+    /// Queues the new state of some pools, merged into the subscription's unsent update if
+    /// there is one; pools the subscription already knows at this version or a newer one
+    /// are left out. When a new entry is needed and the outbox is full, it overflows.
+    pub fn push_pools(
+        &self,
+        subscription: SubscriptionId,
+        event_id: &Arc<str>,
+        pools: &[RenderedPool],
+    ) {
+        let mut state = self.state();
+        let known = state.known.entry(subscription).or_default();
+        let pools: Vec<RenderedPool> = pools
+            .iter()
+            .filter(|pool| {
+                let version = known.entry(pool.state.ticket_type_id).or_default();
+                let newer = pool.state.version > *version;
+                *version = (*version).max(pool.state.version);
+                newer
+            })
+            .cloned()
+            .collect();
+        if pools.is_empty() {
+            return;
+        }
         let delivered_upto = state.delivered_upto;
         if let Some(&seq) = state.open_pools.get(&subscription) {
             if seq > delivered_upto {
@@ -122,8 +164,8 @@ impl Outbox {
         }
         let body = Body::Pools {
             subscription,
-            event_id,
-            pools: pools.to_vec(),
+            event_id: Arc::clone(event_id),
+            pools,
         };
         if let Some(seq) = state.enqueue(self.capacity, body) {
             state.open_pools.insert(subscription, seq);
@@ -135,6 +177,7 @@ impl Outbox {
     /// Forgets a subscription's unsent update (after `pool.unsubscribe`).
     pub fn forget(&self, subscription: SubscriptionId) {
         let mut state = self.state();
+        state.known.remove(&subscription);
         if let Some(seq) = state.open_pools.remove(&subscription) {
             if seq > state.delivered_upto {
                 state.entries.retain(|e| e.seq != seq);
@@ -164,19 +207,9 @@ impl Outbox {
         state.entries.iter().map(|e| (e.seq, render(e))).collect()
     }
 
-    /// The seq of the last notification queued (0 before the first).
-    pub fn last_seq(&self) -> u64 {
-        self.state().last_seq
-    }
-
     /// Whether a notification did not fit: the connection must be closed.
     pub fn overflowed(&self) -> bool {
         self.state().overflowed
-    }
-
-    /// Whether anything is waiting to be delivered after `cursor`.
-    pub fn has_after(&self, cursor: u64) -> bool {
-        self.state().last_seq > cursor
     }
 
     /// Entries held (for tests and metrics).
@@ -195,15 +228,15 @@ impl Outbox {
 }
 
 /// Newer state wins per ticket type; versions only grow.
-fn merge(pending: &mut Vec<PoolState>, newer: &[PoolState]) {
+fn merge(pending: &mut Vec<RenderedPool>, newer: Vec<RenderedPool>) {
     for pool in newer {
         match pending
             .iter_mut()
-            .find(|p| p.ticket_type_id == pool.ticket_type_id)
+            .find(|p| p.state.ticket_type_id == pool.state.ticket_type_id)
         {
-            Some(existing) if existing.version < pool.version => *existing = *pool,
+            Some(existing) if existing.state.version < pool.state.version => *existing = pool,
             Some(_) => {}
-            None => pending.push(*pool),
+            None => pending.push(pool),
         }
     }
 }
@@ -215,28 +248,29 @@ fn render(entry: &Entry) -> String {
             subscription,
             event_id,
             pools,
-        } => {
-            let params = PoolUpdate {
-                subscription: subscription.to_string(),
-                event_id: event_id.to_string(),
-                pools: pools.iter().map(PoolJson::from).collect(),
-            };
-            serde_json::to_string(&Notification::new("pool.update", params)).expect("serializable")
-        }
+        } => shapes::pool_update_text(
+            &subscription.to_string(),
+            event_id,
+            pools.iter().map(|pool| &*pool.text),
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::TicketTypeId;
+    use crate::core::EventId;
 
-    fn pool(id: TicketTypeId, available: u32, version: u64) -> PoolState {
-        PoolState {
+    fn pool(id: TicketTypeId, available: u32, version: u64) -> RenderedPool {
+        RenderedPool::new(PoolState {
             ticket_type_id: id,
             available,
             version,
-        }
+        })
+    }
+
+    fn event() -> Arc<str> {
+        EventId::new().to_string().into()
     }
 
     #[test]
@@ -244,10 +278,10 @@ mod tests {
         let outbox = Outbox::new(10);
         let (a, b) = (TicketTypeId::new(), TicketTypeId::new());
         let sub = SubscriptionId(1);
-        let event = EventId::new();
-        outbox.push_pools(sub, event, &[pool(a, 9, 1)]);
-        outbox.push_pools(sub, event, &[pool(a, 8, 2), pool(b, 5, 1)]);
-        outbox.push_pools(sub, event, &[pool(a, 9, 1)]);
+        let event = event();
+        outbox.push_pools(sub, &event, &[pool(a, 9, 1)]);
+        outbox.push_pools(sub, &event, &[pool(a, 8, 2), pool(b, 5, 1)]);
+        outbox.push_pools(sub, &event, &[pool(a, 9, 1)]);
         let sent = outbox.drain();
         assert_eq!(sent.len(), 1);
         let update: serde_json::Value = serde_json::from_str(&sent[0]).unwrap();
@@ -291,13 +325,28 @@ mod tests {
         let outbox = Outbox::new(10);
         let a = TicketTypeId::new();
         let sub = SubscriptionId(7);
-        let event = EventId::new();
-        outbox.push_pools(sub, event, &[pool(a, 9, 1)]);
+        let event = event();
+        outbox.push_pools(sub, &event, &[pool(a, 9, 1)]);
         let first = outbox.poll(0);
-        outbox.push_pools(sub, event, &[pool(a, 8, 2)]);
+        outbox.push_pools(sub, &event, &[pool(a, 8, 2)]);
         let again = outbox.poll(0);
         assert_eq!(again[0], first[0]);
         assert_eq!(again.len(), 2);
         assert_eq!(again[1].0, 2);
+    }
+
+    #[test]
+    fn versions_a_subscription_already_knows_are_not_queued_again() {
+        let outbox = Outbox::new(10);
+        let (a, b) = (TicketTypeId::new(), TicketTypeId::new());
+        let sub = SubscriptionId(3);
+        let event = event();
+        outbox.known_from(sub, &[pool(a, 9, 4).state, pool(b, 2, 1).state]);
+        outbox.push_pools(sub, &event, &[pool(a, 9, 4), pool(b, 2, 1)]);
+        assert!(outbox.is_empty());
+        outbox.push_pools(sub, &event, &[pool(a, 9, 4), pool(b, 1, 2)]);
+        let sent: serde_json::Value = serde_json::from_str(&outbox.drain()[0]).unwrap();
+        assert_eq!(sent["params"]["pools"].as_array().unwrap().len(), 1);
+        assert_eq!(sent["params"]["pools"][0]["version"], 2);
     }
 }

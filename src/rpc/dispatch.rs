@@ -14,17 +14,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::context::Ctx;
 use super::error::RpcError;
-use super::session::Session;
 use super::wire::{self, Call, Id, Response};
-use crate::app::App;
-
-/// What a method runs with: the application and the caller's session.
-#[derive(Clone)]
-pub struct Ctx {
-    pub app: Arc<App>,
-    pub session: Arc<Session>,
-}
 
 type MethodFuture = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
 type Handler = Box<dyn Fn(Ctx, Map<String, Value>) -> MethodFuture + Send + Sync>;
@@ -45,7 +37,7 @@ pub enum Access {
 
 impl Access {
     fn check(self, ctx: &Ctx) -> Result<(), RpcError> {
-        let now = ctx.app.clock.now();
+        let now = ctx.services.clock.now();
         match self {
             Access::Public => Ok(()),
             Access::User => ctx.session.principal(now).map(drop),
@@ -179,7 +171,7 @@ impl Dispatcher {
         let call = match wire::parse_call(entry) {
             Ok(call) => call,
             Err(malformed) => {
-                ctx.app
+                ctx.services
                     .metrics
                     .record_call("invalid", "invalid_request", None);
                 return Some(malformed.into());
@@ -202,9 +194,9 @@ impl Dispatcher {
         };
         let elapsed = started.elapsed();
         match &outcome {
-            Ok(_) => ctx.app.metrics.record_call(label, "ok", Some(elapsed)),
+            Ok(_) => ctx.services.metrics.record_call(label, "ok", Some(elapsed)),
             Err(error) => {
-                ctx.app
+                ctx.services
                     .metrics
                     .record_call(label, error.reason(), Some(elapsed));
                 log_failure(ctx, &method, error);
@@ -229,14 +221,14 @@ pub async fn handle_detached(
     text: String,
     in_order: Option<Arc<tokio::sync::Mutex<()>>>,
 ) -> Option<String> {
-    let tasks = ctx.app.tasks.clone();
+    let tasks = ctx.services.tasks.clone();
     // Queue for the lock before spawning, so arrival order is kept.
     let turn = match in_order {
         Some(lock) => Some(lock.lock_owned().await),
         None => None,
     };
     let call = tasks.spawn(async move {
-        let response = ctx.app.dispatcher.handle_message(&ctx, &text).await;
+        let response = ctx.handle_message(&text).await;
         drop(turn);
         response
     });
@@ -283,4 +275,184 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 fn encode<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("responses always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::core::{Role, User, UserId};
+    use crate::rpc::fakes;
+    use crate::rpc::session::Principal;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Echo {
+        word: String,
+    }
+
+    /// The real methods, plus a few that show what the dispatch does with a result, a
+    /// panic and typed params.
+    fn table() -> Methods {
+        let mut methods = crate::rpc::methods::all();
+        methods.register("test.echo", Access::Public, |_, p: Echo| async move {
+            Ok::<_, RpcError>(p.word)
+        });
+        methods.register(
+            "test.panic",
+            Access::Public,
+            |_, _: Map<String, Value>| async {
+                if true {
+                    panic!("a bug");
+                }
+                Ok::<bool, RpcError>(true)
+            },
+        );
+        methods.register("test.user_echo", Access::User, |_, p: Echo| async move {
+            Ok::<_, RpcError>(p.word)
+        });
+        methods
+    }
+
+    async fn run(ctx: &Ctx, text: &str) -> Option<Value> {
+        ctx.handle_message(text)
+            .await
+            .map(|out| serde_json::from_str(&out).unwrap())
+    }
+
+    fn anonymous() -> Ctx {
+        fakes::http_ctx(&fakes::services(table()))
+    }
+
+    fn error_of(response: &Value) -> (i64, &str) {
+        (
+            response["error"]["code"].as_i64().unwrap(),
+            response["error"]["data"]["reason"].as_str().unwrap_or(""),
+        )
+    }
+
+    #[tokio::test]
+    async fn text_that_is_not_json_is_a_parse_error_with_a_null_id() {
+        let response = run(&anonymous(), "{\"jsonrpc\": ").await.unwrap();
+        assert_eq!(response["error"]["code"], -32700);
+        assert_eq!(response["id"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_call_is_answered_with_its_id_and_result() {
+        let text = r#"{"jsonrpc":"2.0","id":"a1","method":"test.echo","params":{"word":"hi"}}"#;
+        let response = run(&anonymous(), text).await.unwrap();
+        assert_eq!(
+            response,
+            json!({"jsonrpc": "2.0", "result": "hi", "id": "a1"})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_notification_gets_no_answer() {
+        let text = r#"{"jsonrpc":"2.0","method":"test.echo","params":{"word":"hi"}}"#;
+        assert_eq!(run(&anonymous(), text).await, None);
+        let batch = format!("[{text},{text}]");
+        assert_eq!(run(&anonymous(), &batch).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_batch_answers_each_call_in_order_and_skips_notifications() {
+        let text = r#"[
+            {"jsonrpc":"2.0","id":1,"method":"test.echo","params":{"word":"one"}},
+            {"jsonrpc":"2.0","method":"test.echo","params":{"word":"skipped"}},
+            {"jsonrpc":"2.0","id":3,"method":"no.such.method"}
+        ]"#;
+        let response = run(&anonymous(), text).await.unwrap();
+        let answers = response.as_array().unwrap();
+        assert_eq!(answers.len(), 2);
+        assert_eq!(
+            (answers[0]["id"].clone(), answers[0]["result"].clone()),
+            (json!(1), json!("one"))
+        );
+        assert_eq!(answers[1]["id"], 3);
+        assert_eq!(answers[1]["error"]["code"], -32601);
+    }
+
+    #[tokio::test]
+    async fn an_empty_or_too_large_batch_is_one_invalid_request() {
+        let call = r#"{"jsonrpc":"2.0","id":1,"method":"test.echo","params":{"word":"x"}}"#;
+        for text in ["[]".to_owned(), format!("[{call},{call},{call},{call}]")] {
+            let response = run(&anonymous(), &text).await.unwrap();
+            assert_eq!(response["error"]["code"], -32600, "{text}");
+            assert_eq!(response["id"], Value::Null);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_entry_of_a_batch_does_not_stop_the_others() {
+        let text = r#"[1, {"jsonrpc":"2.0","id":2,"method":"test.echo","params":{"word":"ok"}}]"#;
+        let response = run(&anonymous(), text).await.unwrap();
+        assert_eq!(response[0]["error"]["code"], -32600);
+        assert_eq!(response[1]["result"], "ok");
+    }
+
+    #[tokio::test]
+    async fn params_are_read_into_their_type_naming_the_field() {
+        let text = r#"{"jsonrpc":"2.0","id":1,"method":"test.echo","params":{"word":7}}"#;
+        let response = run(&anonymous(), text).await.unwrap();
+        assert_eq!(error_of(&response), (-32602, "INVALID_PARAMS"));
+        assert_eq!(response["error"]["data"]["field"], "word");
+    }
+
+    #[tokio::test]
+    async fn access_is_checked_before_params() {
+        let ctx = anonymous();
+        let text = r#"{"jsonrpc":"2.0","id":1,"method":"test.user_echo","params":{"nonsense":1}}"#;
+        assert_eq!(
+            error_of(&run(&ctx, text).await.unwrap()),
+            (1001, "UNAUTHENTICATED")
+        );
+        // A customer learns nothing about the params of an admin method either.
+        ctx.session.bind(Principal {
+            user: User {
+                id: UserId::new(),
+                email: "ann@example.com".into(),
+                role: Role::Customer,
+            },
+            expires_at: ctx
+                .services
+                .clock
+                .now()
+                .saturating_add(std::time::Duration::from_secs(60)),
+        });
+        let text = r#"{"jsonrpc":"2.0","id":2,"method":"admin.events.create","params":{}}"#;
+        assert_eq!(
+            error_of(&run(&ctx, text).await.unwrap()),
+            (1003, "FORBIDDEN")
+        );
+        // Over /rpc, a method that needs a push channel says so before reading its params.
+        let text = r#"{"jsonrpc":"2.0","id":3,"method":"pool.subscribe","params":{}}"#;
+        assert_eq!(
+            error_of(&run(&ctx, text).await.unwrap()),
+            (4003, "TRANSPORT_UNSUPPORTED")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_method_is_an_opaque_internal_error() {
+        let text = r#"{"jsonrpc":"2.0","id":9,"method":"test.panic"}"#;
+        let response = run(&anonymous(), text).await.unwrap();
+        assert_eq!(response["error"]["code"], -32603);
+        assert_eq!(response["error"]["message"], "Internal error");
+        assert_eq!(response["id"], 9);
+        assert!(response["error"].get("data").is_none(), "no cause is sent");
+    }
+
+    #[tokio::test]
+    async fn the_services_answer_through_the_one_error_mapping() {
+        let ctx = anonymous();
+        let text = r#"{"jsonrpc":"2.0","id":1,"method":"auth.login","params":{"email":"a@b.c","password":"x"}}"#;
+        assert_eq!(
+            error_of(&run(&ctx, text).await.unwrap()),
+            (1002, "INVALID_CREDENTIALS")
+        );
+        let text = r#"{"jsonrpc":"2.0","id":2,"method":"rpc.discover"}"#;
+        assert_eq!(run(&ctx, text).await.unwrap()["result"]["openrpc"], "1.3.2");
+    }
 }

@@ -4,25 +4,9 @@
 use serde_json::json;
 
 use super::wire::{ErrorObject, INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND};
+use crate::auth::AccountError;
+pub use crate::auth::AuthFailure;
 use crate::core::{Rule, TicketTypeId};
-
-/// Why the credentials of a call are not usable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthFailure {
-    Missing,
-    Invalid,
-    Expired,
-}
-
-impl AuthFailure {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Missing => "missing",
-            Self::Invalid => "invalid",
-            Self::Expired => "expired",
-        }
-    }
-}
 
 /// Everything a method can answer instead of a result.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +115,7 @@ impl RpcError {
             } => Some(json!({
                 "reason": reason,
                 "ticket_type_id": ticket_type_id.to_string(),
-                "rule": super::types::rule_json(rule),
+                "rule": crate::shapes::rule_json(rule),
             })),
             Self::RateLimited { retry_after_ms } => {
                 Some(json!({"reason": reason, "retry_after_ms": retry_after_ms}))
@@ -235,8 +219,21 @@ impl From<crate::engine::EngineError> for RpcError {
     }
 }
 
+/// Account refusals on the wire; a database that cannot answer is `UNAVAILABLE`.
+impl From<AccountError> for RpcError {
+    fn from(error: AccountError) -> Self {
+        match error {
+            AccountError::InvalidCredentials => RpcError::InvalidCredentials,
+            AccountError::EmailTaken => RpcError::EmailTaken,
+            AccountError::Refused(why) => RpcError::Unauthenticated(why),
+            AccountError::Store(e) => e.into(),
+            AccountError::Hash(e) => RpcError::internal(e),
+        }
+    }
+}
+
 #[cfg(test)]
-mod tests {
+mod plain_words {
     use super::*;
 
     #[test]

@@ -2,14 +2,17 @@
 //! its dispatch, and the methods of every domain module. Transports only frame messages
 //! and hand them to [`dispatch::Dispatcher::handle_message`].
 
+pub mod context;
 pub mod dispatch;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fakes;
 pub mod methods;
 pub mod session;
 pub mod shape;
-pub mod types;
 pub mod wire;
 
-pub use dispatch::{Ctx, Dispatcher};
+pub use context::{Ctx, Services};
+pub use dispatch::Dispatcher;
 pub use error::{AuthFailure, RpcError};
 pub use session::{Principal, Session, Transport};

@@ -12,6 +12,7 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::error::{AuthFailure, RpcError};
+use crate::core::inventory::PoolState;
 use crate::core::{EventId, Role, Timestamp, User, UserId};
 use crate::fanout::{FanOut, Outbox, SubscriptionId};
 
@@ -83,15 +84,26 @@ impl Push {
         self.subscriptions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Subscribes to an event's pool updates, or `None` at the subscription limit.
-    pub fn subscribe(&self, event_id: EventId) -> Option<SubscriptionId> {
+    /// Subscribes to an event's pool updates; returns the subscription and the snapshot
+    /// `snapshot` took. Later updates carry only versions newer than the snapshot's.
+    pub fn subscribe(
+        &self,
+        event_id: EventId,
+        snapshot: impl FnOnce() -> Option<Vec<PoolState>>,
+    ) -> Result<(SubscriptionId, Vec<PoolState>), RpcError> {
         let mut subscriptions = self.subscriptions();
         if subscriptions.len() >= MAX_SUBSCRIPTIONS {
-            return None;
+            return Err(RpcError::invalid_params(
+                "event_id",
+                format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
+            ));
         }
-        let id = self.fanout.subscribe(event_id, &self.outbox);
+        let (id, pools) = self
+            .fanout
+            .subscribe(event_id, &self.outbox, snapshot)
+            .ok_or(RpcError::NotFound)?;
         subscriptions.insert(id, event_id);
-        Some(id)
+        Ok((id, pools))
     }
 
     /// Ends a subscription of this session; an unknown one is already ended.

@@ -117,10 +117,6 @@ impl Response {
             id,
         }
     }
-
-    pub fn is_error(&self) -> bool {
-        self.error.is_some()
-    }
 }
 
 impl From<Malformed> for Response {
@@ -135,24 +131,6 @@ impl From<Malformed> for Response {
                 data,
             },
         )
-    }
-}
-
-/// A server-to-client notification (`pool.update`, `reservation.updated`).
-#[derive(Debug, Serialize)]
-pub struct Notification<P: Serialize> {
-    jsonrpc: &'static str,
-    method: &'static str,
-    params: P,
-}
-
-impl<P: Serialize> Notification<P> {
-    pub fn new(method: &'static str, params: P) -> Self {
-        Self {
-            jsonrpc: "2.0",
-            method,
-            params,
-        }
     }
 }
 

@@ -38,10 +38,7 @@ pub async fn rpc(
     let Some(text) = super::utf8_or_parse_error(&body) else {
         return super::parse_error_response();
     };
-    let ctx = Ctx {
-        app: Arc::clone(&app),
-        session,
-    };
+    let ctx = Ctx::new(Arc::clone(&app.services), session);
     match handle_detached(ctx, text, None).await {
         Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),

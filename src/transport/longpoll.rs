@@ -212,10 +212,7 @@ pub async fn call(State(app): State<Arc<App>>, Path(id): Path<String>, body: Byt
     let Some(text) = super::utf8_or_parse_error(&body) else {
         return super::parse_error_response();
     };
-    let ctx = Ctx {
-        app: Arc::clone(&app),
-        session: Arc::clone(&lp.session),
-    };
+    let ctx = Ctx::new(Arc::clone(&app.services), Arc::clone(&lp.session));
     let response = handle_detached(ctx, text, Some(Arc::clone(&lp.calls))).await;
     lp.touch();
     match response {

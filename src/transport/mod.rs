@@ -11,8 +11,8 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::App;
-use crate::rpc::methods::auth::verify_token;
-use crate::rpc::{AuthFailure, Principal, RpcError};
+use crate::auth::AccountError;
+use crate::rpc::{AuthFailure, Principal};
 
 /// What the credentials presented with a request come to.
 pub enum Bearer {
@@ -36,9 +36,9 @@ pub async fn authenticate(app: &App, headers: &HeaderMap, fallback: Option<&str>
             None => return Bearer::Absent,
         },
     };
-    match verify_token(app, token).await {
-        Ok(principal) => Bearer::Valid(principal),
-        Err(RpcError::Unauthenticated(why)) => Bearer::Refused(why),
+    match app.services.accounts.verify(token).await {
+        Ok((user, expires_at)) => Bearer::Valid(Principal { user, expires_at }),
+        Err(AccountError::Refused(why)) => Bearer::Refused(why),
         Err(_) => Bearer::Unverifiable,
     }
 }

@@ -131,11 +131,8 @@ async fn serve(
             (code, reason)
         }
     });
-    let ctx = Ctx {
-        app: Arc::clone(&app),
-        session,
-    };
-    let why = read_loop(&ctx, stream, &responses, &missed, &writer_done).await;
+    let ctx = Ctx::new(Arc::clone(&app.services), session);
+    let why = read_loop(&app, &ctx, stream, &responses, &missed, &writer_done).await;
     let _ = responses.send(Outgoing::Close(why.0, why.1)).await;
     drop(responses);
     let (code, reason) = writer.await.unwrap_or((why.0, why.1));
@@ -146,17 +143,18 @@ async fn serve(
 /// Reads and runs calls until the peer leaves, breaks the rules or the server stops.
 /// Returns the close code and reason to send.
 async fn read_loop(
+    app: &App,
     ctx: &Ctx,
     mut stream: SplitStream<WebSocket>,
     responses: &mpsc::Sender<Outgoing>,
     missed: &AtomicU32,
     writer_done: &CancellationToken,
 ) -> (u16, &'static str) {
-    let max = ctx.app.settings.max_message_bytes as usize;
+    let max = app.settings.max_message_bytes as usize;
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
-            () = ctx.app.shutdown.cancelled() => return (close::GOING_AWAY, "server shutting down"),
+            () = app.shutdown.cancelled() => return (close::GOING_AWAY, "server shutting down"),
             // The writer gave up (dead peer or failed send): nothing more can be answered.
             () = writer_done.cancelled() => return (close::POLICY_VIOLATION, "peer not responding"),
         };
@@ -182,7 +180,7 @@ async fn read_loop(
         if text.len() > max {
             return (close::MESSAGE_TOO_BIG, "message too big");
         }
-        if let Some(response) = ctx.app.dispatcher.handle_message(ctx, text.as_str()).await {
+        if let Some(response) = ctx.handle_message(text.as_str()).await {
             if responses.send(Outgoing::Text(response)).await.is_err() {
                 return (1000, "writer gone");
             }

@@ -84,6 +84,7 @@ async fn the_method_table_and_the_document_name_the_same_methods() {
                 .collect();
             let implemented: BTreeSet<String> = app
                 .app
+                .services
                 .dispatcher
                 .method_names()
                 .map(str::to_owned)

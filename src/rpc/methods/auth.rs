@@ -2,14 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::password::{MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS};
-use crate::auth::TokenError;
-use crate::core::{normalize_email, Role, User, UserId};
-use crate::rpc::dispatch::{Access, Ctx, Methods};
+use crate::auth::SignedIn;
+use crate::core::{Email, Password, PasswordError};
+use crate::rpc::dispatch::{Access, Methods};
 use crate::rpc::methods::NoParams;
-use crate::rpc::types::{time_json, UserJson};
-use crate::rpc::{AuthFailure, Principal, RpcError};
-use crate::store::StoreError;
+use crate::rpc::{Ctx, Principal, RpcError};
+use crate::shapes::{time_json, UserJson};
 
 pub fn register(methods: &mut Methods) {
     methods.register("auth.register", Access::Public, register_user);
@@ -36,88 +34,40 @@ struct UserResult {
     user: UserJson,
 }
 
-fn email_param(email: &str) -> Result<String, RpcError> {
-    normalize_email(email).ok_or_else(|| RpcError::invalid_params("email", "not an email address"))
+fn password_param(checked: Result<Password, PasswordError>) -> Result<Password, RpcError> {
+    checked.map_err(|why| RpcError::invalid_params("password", why.to_string()))
 }
 
-fn check_password_length(password: &str, min: usize) -> Result<(), RpcError> {
-    let chars = password.chars().count();
-    if chars < min {
-        return Err(RpcError::invalid_params(
-            "password",
-            format!("at least {min} characters"),
-        ));
-    }
-    if chars > MAX_PASSWORD_CHARS {
-        return Err(RpcError::invalid_params(
-            "password",
-            format!("at most {MAX_PASSWORD_CHARS} characters"),
-        ));
-    }
-    Ok(())
-}
-
-/// Issues a token for the user, binds the session to them and builds the answer.
-fn sign_in(ctx: &Ctx, user: User) -> AuthResult {
-    let now = ctx.app.clock.now();
-    let (token, expires_at) = ctx.app.tokens.issue(user.id, user.role, now);
+/// Binds the session to the signed-in user and builds the answer.
+fn bind(ctx: &Ctx, signed_in: SignedIn) -> AuthResult {
     let result = AuthResult {
-        user: UserJson::from(&user),
-        token,
-        expires_at: time_json(expires_at),
+        user: UserJson::from(&signed_in.user),
+        token: signed_in.token,
+        expires_at: time_json(signed_in.expires_at),
     };
-    ctx.session.bind(Principal { user, expires_at });
+    ctx.session.bind(Principal {
+        user: signed_in.user,
+        expires_at: signed_in.expires_at,
+    });
     result
 }
 
 async fn register_user(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcError> {
     ctx.session.take_auth_call()?;
-    let email = email_param(&params.email)?;
-    check_password_length(&params.password, MIN_PASSWORD_CHARS)?;
-    let hash = ctx
-        .app
-        .passwords
-        .hash(params.password)
-        .await
-        .map_err(RpcError::internal)?;
-    let user = User {
-        id: UserId::new(),
-        email,
-        role: Role::Customer,
-    };
-    match ctx
-        .app
-        .store
-        .insert_user(&user, &hash, ctx.app.clock.now())
-        .await
-    {
-        Ok(()) => {}
-        Err(StoreError::Duplicate(_)) => return Err(RpcError::EmailTaken),
-        Err(other) => return Err(other.into()),
-    }
-    tracing::info!(user_id = %user.id, "user registered");
-    Ok(sign_in(&ctx, user))
+    let email = Email::parse(&params.email)
+        .ok_or_else(|| RpcError::invalid_params("email", "not an email address"))?;
+    let password = password_param(Password::for_new_account(params.password))?;
+    let signed_in = ctx.services.accounts.register(email, password).await?;
+    Ok(bind(&ctx, signed_in))
 }
 
 async fn login(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcError> {
     ctx.session.take_auth_call()?;
     // A malformed email can belong to no one: the same answer as any unknown email.
-    let email = normalize_email(&params.email);
-    check_password_length(&params.password, 0)?;
-    let found = match &email {
-        Some(email) => ctx.app.store.user_by_email(email).await?,
-        None => None,
-    };
-    let (user, hash) = match found {
-        Some((user, hash)) => (Some(user), Some(hash)),
-        None => (None, None),
-    };
-    // Verified against a dummy hash when the email is unknown, so both failures take as long.
-    let matches = ctx.app.passwords.verify(params.password, hash).await;
-    match user {
-        Some(user) if matches => Ok(sign_in(&ctx, user)),
-        _ => Err(RpcError::InvalidCredentials),
-    }
+    let email = Email::parse(&params.email);
+    let password = password_param(Password::presented(params.password))?;
+    let signed_in = ctx.services.accounts.login(email, password).await?;
+    Ok(bind(&ctx, signed_in))
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,32 +76,15 @@ struct TokenParams {
 }
 
 async fn authenticate(ctx: Ctx, params: TokenParams) -> Result<UserResult, RpcError> {
-    let principal = verify_token(&ctx.app, &params.token).await?;
-    let user = UserJson::from(&principal.user);
-    ctx.session.bind(principal);
-    Ok(UserResult { user })
+    let (user, expires_at) = ctx.services.accounts.verify(&params.token).await?;
+    let result = UserResult {
+        user: UserJson::from(&user),
+    };
+    ctx.session.bind(Principal { user, expires_at });
+    Ok(result)
 }
 
 async fn logout(ctx: Ctx, _: NoParams) -> Result<bool, RpcError> {
     ctx.session.unbind();
     Ok(true)
-}
-
-/// Checks a token and finds its user (who must still exist).
-pub async fn verify_token(app: &crate::app::App, token: &str) -> Result<Principal, RpcError> {
-    let verified = app.tokens.verify(token, app.clock.now()).map_err(|e| {
-        RpcError::Unauthenticated(match e {
-            TokenError::Expired => AuthFailure::Expired,
-            TokenError::Invalid => AuthFailure::Invalid,
-        })
-    })?;
-    let user = app
-        .store
-        .user_by_id(verified.user_id)
-        .await?
-        .ok_or(RpcError::Unauthenticated(AuthFailure::Invalid))?;
-    Ok(Principal {
-        user,
-        expires_at: verified.expires_at,
-    })
 }

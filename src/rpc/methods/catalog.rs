@@ -2,12 +2,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::app::CreateEventError;
-use crate::catalog::EventDraft;
+use crate::catalog::{CreateEventError, EventDraft};
 use crate::core::{EventId, Timestamp};
-use crate::rpc::dispatch::{Access, Ctx, Methods};
-use crate::rpc::types::{parse_id, EventJson};
+use crate::rpc::dispatch::{Access, Methods};
+use crate::rpc::methods::parse_id;
+use crate::rpc::Ctx;
 use crate::rpc::RpcError;
+use crate::shapes::EventJson;
 
 pub fn register(methods: &mut Methods) {
     methods.register("events.list", Access::Public, list);
@@ -61,7 +62,7 @@ async fn list(ctx: Ctx, params: ListParams) -> Result<EventPage, RpcError> {
         })?),
     };
     // One more than asked tells whether another page follows.
-    let mut page = ctx.app.inventory.events_after(after, limit as usize + 1);
+    let mut page = ctx.services.catalog.events_after(after, limit as usize + 1);
     let more = page.len() > limit as usize;
     page.truncate(limit as usize);
     let next_cursor = more
@@ -86,18 +87,25 @@ struct GetParams {
 
 async fn get(ctx: Ctx, params: GetParams) -> Result<EventJson, RpcError> {
     let id: EventId = parse_id(&params.event_id)?;
-    let (event, pools) = ctx.app.inventory.event(id).ok_or(RpcError::NotFound)?;
+    let (event, pools) = ctx.services.catalog.event(id).ok_or(RpcError::NotFound)?;
     Ok(EventJson::new(&event, &pools))
 }
 
 async fn create(ctx: Ctx, draft: EventDraft) -> Result<EventJson, RpcError> {
-    let event = ctx.app.create_event(&draft).await.map_err(|e| match e {
-        CreateEventError::Invalid(field) => RpcError::invalid_params(field.field, field.message),
-        CreateEventError::Store(e) => RpcError::from(e),
-    })?;
+    let event = ctx
+        .services
+        .catalog
+        .create_event(&draft)
+        .await
+        .map_err(|e| match e {
+            CreateEventError::Invalid(field) => {
+                RpcError::invalid_params(field.field, field.message)
+            }
+            CreateEventError::Store(e) => RpcError::from(e),
+        })?;
     let (event, pools) = ctx
-        .app
-        .inventory
+        .services
+        .catalog
         .event(event.id)
         .ok_or_else(|| RpcError::internal("created event missing from inventory"))?;
     Ok(EventJson::new(&event, &pools))

@@ -7,6 +7,7 @@ mod pool;
 mod reservations;
 
 use super::dispatch::Methods;
+use super::RpcError;
 
 /// The method table with every implemented method.
 pub fn all() -> Methods {
@@ -22,3 +23,9 @@ pub fn all() -> Methods {
 /// Params of methods that take none; anything given is ignored.
 #[derive(Debug, serde::Deserialize)]
 struct NoParams {}
+
+/// Reads an id from a param. A string that is not an id we could have issued names
+/// nothing that exists, so it answers `NOT_FOUND` exactly as an unknown id does.
+fn parse_id<T: std::str::FromStr>(text: &str) -> Result<T, RpcError> {
+    text.parse().map_err(|_| RpcError::NotFound)
+}

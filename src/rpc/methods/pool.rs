@@ -4,10 +4,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::EventId;
 use crate::fanout::SubscriptionId;
-use crate::rpc::dispatch::{Access, Ctx, Methods};
-use crate::rpc::session::{Push, MAX_SUBSCRIPTIONS};
-use crate::rpc::types::{parse_id, PoolJson};
+use crate::rpc::dispatch::{Access, Methods};
+use crate::rpc::methods::parse_id;
+use crate::rpc::session::Push;
+use crate::rpc::Ctx;
 use crate::rpc::RpcError;
+use crate::shapes::PoolJson;
 
 pub fn register(methods: &mut Methods) {
     methods.register("pool.subscribe", Access::Push, subscribe);
@@ -36,22 +38,12 @@ struct Subscribed {
 async fn subscribe(ctx: Ctx, params: SubscribeParams) -> Result<Subscribed, RpcError> {
     let push = push(&ctx)?;
     let event_id: EventId = parse_id(&params.event_id)?;
-    if ctx.app.inventory.pools(event_id).is_none() {
+    let catalog = &ctx.services.catalog;
+    // An unknown event is NOT_FOUND even at the subscription limit.
+    if catalog.pools(event_id).is_none() {
         return Err(RpcError::NotFound);
     }
-    let subscription = push.subscribe(event_id).ok_or_else(|| {
-        RpcError::invalid_params(
-            "event_id",
-            format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
-        )
-    })?;
-    // The snapshot is taken after subscribing, so no change can fall between the two; an
-    // update older than the snapshot is recognised by its version.
-    let pools = ctx
-        .app
-        .inventory
-        .pools(event_id)
-        .ok_or(RpcError::NotFound)?;
+    let (subscription, pools) = push.subscribe(event_id, || catalog.pools(event_id))?;
     Ok(Subscribed {
         subscription: subscription.to_string(),
         event_id: event_id.to_string(),

@@ -9,9 +9,11 @@ use crate::core::reservation::{Reservation, Status};
 use crate::core::{ReservationId, TicketTypeId, MAX_COUNT};
 use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall, MAX_KEY_CHARS};
 use crate::engine::Paid;
-use crate::rpc::dispatch::{Access, Ctx, Methods};
-use crate::rpc::types::{parse_id, MoneyJson, ReservationJson};
+use crate::rpc::dispatch::{Access, Methods};
+use crate::rpc::methods::parse_id;
+use crate::rpc::Ctx;
 use crate::rpc::RpcError;
+use crate::shapes::{MoneyJson, ReservationJson};
 
 pub fn register(methods: &mut Methods) {
     methods.register("tickets.reserve", Access::User, reserve);
@@ -66,7 +68,7 @@ fn reservation_text(reservation: &Reservation) -> String {
 }
 
 async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
-    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let user = ctx.session.user_id(ctx.services.clock.now())?;
     check_key(&params.idempotency_key)?;
     // Shape first (INVALID_PARAMS), then which ticket types exist (NOT_FOUND).
     if params.items.is_empty() || params.items.len() > MAX_ITEMS {
@@ -104,7 +106,7 @@ async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
         params_hash: params_hash(&canonical),
         render: &render,
     });
-    let reservation = ctx.app.engine.reserve(user, items, key).await?;
+    let reservation = ctx.services.reservations.reserve(user, items, key).await?;
     to_wire(reservation, |r| ReservationJson::from(r))
 }
 
@@ -114,9 +116,11 @@ struct ReservationParams {
 }
 
 async fn get(ctx: Ctx, params: ReservationParams) -> Result<ReservationJson, RpcError> {
-    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let user = ctx.session.user_id(ctx.services.clock.now())?;
     let id: ReservationId = parse_id(&params.reservation_id)?;
-    Ok(ReservationJson::from(&ctx.app.engine.get(user, id).await?))
+    Ok(ReservationJson::from(
+        &ctx.services.reservations.get(user, id).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,7 +135,7 @@ struct ReservationList {
 }
 
 async fn list(ctx: Ctx, params: ListParams) -> Result<ReservationList, RpcError> {
-    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let user = ctx.session.user_id(ctx.services.clock.now())?;
     let status = match params.status.as_deref() {
         None => None,
         Some(text) => Some(text.parse::<Status>().map_err(|_| {
@@ -139,9 +143,9 @@ async fn list(ctx: Ctx, params: ListParams) -> Result<ReservationList, RpcError>
         })?),
     };
     let reservations = ctx
-        .app
-        .store
-        .reservations_of(user, status, MAX_LISTED)
+        .services
+        .reservations
+        .list(user, status, MAX_LISTED)
         .await?;
     Ok(ReservationList {
         reservations: reservations.iter().map(ReservationJson::from).collect(),
@@ -149,10 +153,10 @@ async fn list(ctx: Ctx, params: ListParams) -> Result<ReservationList, RpcError>
 }
 
 async fn cancel(ctx: Ctx, params: ReservationParams) -> Result<ReservationJson, RpcError> {
-    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let user = ctx.session.user_id(ctx.services.clock.now())?;
     let id: ReservationId = parse_id(&params.reservation_id)?;
     Ok(ReservationJson::from(
-        &ctx.app.engine.cancel(user, id).await?,
+        &ctx.services.reservations.cancel(user, id).await?,
     ))
 }
 
@@ -196,7 +200,7 @@ impl From<&Paid> for PayResult {
 const MAX_TOKEN_CHARS: usize = 200;
 
 async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
-    let user = ctx.session.user_id(ctx.app.clock.now())?;
+    let user = ctx.session.user_id(ctx.services.clock.now())?;
     check_key(&params.idempotency_key)?;
     if params.payment_token.is_empty() || params.payment_token.chars().count() > MAX_TOKEN_CHARS {
         return Err(RpcError::invalid_params(
@@ -214,8 +218,8 @@ async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
         render: &render,
     });
     let paid = ctx
-        .app
-        .engine
+        .services
+        .reservations
         .pay(user, id, &params.payment_token, key)
         .await?;
     to_wire(paid, |p| PayResult::from(p))

@@ -1,10 +1,10 @@
-//! Wire shapes of the domain values (PROTOCOL §3–§6) and the parsing of ids from params.
-//! Results are built from these structs, so each shape is written down once.
+//! Wire shapes (PROTOCOL §3–§6): the JSON of the domain values and of the server's
+//! notifications, written down once. Both `rpc` (results) and `fanout` (notifications) use
+//! them; this module knows only the core.
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::error::RpcError;
 use crate::core::inventory::PoolState;
 use crate::core::reservation::Reservation;
 use crate::core::{Event, Money, Rule, TicketType, Timestamp, User};
@@ -158,8 +158,102 @@ pub fn time_json(at: Timestamp) -> String {
     at.to_rfc3339()
 }
 
-/// Reads an id from a param. A string that is not an id we could have issued names
-/// nothing that exists, so it answers `NOT_FOUND` exactly as an unknown id does.
-pub fn parse_id<T: std::str::FromStr>(text: &str) -> Result<T, RpcError> {
-    text.parse().map_err(|_| RpcError::NotFound)
+/// A server-to-client notification (`pool.update`, `reservation.updated`).
+#[derive(Debug, Serialize)]
+pub struct Notification<P: Serialize> {
+    jsonrpc: &'static str,
+    method: &'static str,
+    params: P,
+}
+
+impl<P: Serialize> Notification<P> {
+    pub fn new(method: &'static str, params: P) -> Self {
+        Self {
+            jsonrpc: "2.0",
+            method,
+            params,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ReservationUpdated {
+    reservation: ReservationJson,
+}
+
+/// The text of a `reservation.updated` notification.
+pub fn reservation_updated(reservation: &Reservation) -> String {
+    let params = ReservationUpdated {
+        reservation: ReservationJson::from(reservation),
+    };
+    serde_json::to_string(&Notification::new("reservation.updated", params)).expect("serializable")
+}
+
+/// The JSON of one pool, as a `pool.update` carries it.
+pub fn pool_text(pool: &PoolState) -> String {
+    serde_json::to_string(&PoolJson::from(pool)).expect("serializable")
+}
+
+/// The text of a `pool.update`, from pools already written out by [`pool_text`]: the
+/// fan-out writes each changed pool once and only the subscription differs per subscriber.
+/// The same text as serializing the notification would give.
+pub fn pool_update_text<'a>(
+    subscription: &str,
+    event_id: &str,
+    pools: impl IntoIterator<Item = &'a str>,
+) -> String {
+    let mut text = format!(
+        "{{\"jsonrpc\":\"2.0\",\"method\":\"pool.update\",\"params\":{{\"subscription\":{},\"event_id\":{},\"pools\":[",
+        Value::from(subscription),
+        Value::from(event_id)
+    );
+    for (i, pool) in pools.into_iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(pool);
+    }
+    text.push_str("]}}");
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::TicketTypeId;
+
+    #[derive(Serialize)]
+    struct PoolUpdate {
+        subscription: String,
+        event_id: String,
+        pools: Vec<PoolJson>,
+    }
+
+    #[test]
+    fn a_pool_update_written_from_parts_is_the_serialized_notification() {
+        let pools = [
+            PoolState {
+                ticket_type_id: TicketTypeId::new(),
+                available: 3,
+                version: 7,
+            },
+            PoolState {
+                ticket_type_id: TicketTypeId::new(),
+                available: 0,
+                version: 1,
+            },
+        ];
+        let texts: Vec<String> = pools.iter().map(pool_text).collect();
+        let spliced = pool_update_text("sub-4", "ev", texts.iter().map(String::as_str));
+        let serialized = serde_json::to_string(&Notification::new(
+            "pool.update",
+            PoolUpdate {
+                subscription: "sub-4".into(),
+                event_id: "ev".into(),
+                pools: pools.iter().map(PoolJson::from).collect(),
+            },
+        ))
+        .unwrap();
+        assert_eq!(spliced, serialized);
+    }
 }
