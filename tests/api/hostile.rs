@@ -207,3 +207,49 @@ async fn connections_over_the_per_address_cap_are_answered_503() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_websocket_whose_client_stops_reading_is_closed_after_the_write_timeout() {
+    use futures_util::SinkExt;
+    const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+    with_app(
+        Backend::Sqlite,
+        |s| {
+            s.write_timeout = WRITE_TIMEOUT;
+            s.rate_limit = 1_000_000;
+            s.rate_burst = 1_000_000;
+        },
+        |app| async move {
+            let permits = app.app.connection_permits.available_permits();
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
+                    .await
+                    .unwrap();
+            // 8 batches of 50 `rpc.discover` calls: ~18 MB of answers, far more than the
+            // socket buffers hold, and the client reads none of them.
+            let batch: Vec<_> = (0..50)
+                .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "rpc.discover"}))
+                .collect();
+            let text = serde_json::to_string(&batch).unwrap();
+            for _ in 0..8 {
+                socket
+                    .send(tokio_tungstenite::tungstenite::Message::text(text.clone()))
+                    .await
+                    .unwrap();
+            }
+            let sent = tokio::time::Instant::now();
+            // Without the fix the connection ends only a 10 s close grace after the stall.
+            crate::harness::poll_until(
+                WRITE_TIMEOUT + Duration::from_secs(7),
+                "the stalled connection to close",
+                || async {
+                    (app.app.connection_permits.available_permits() == permits).then_some(())
+                },
+            )
+            .await;
+            eprintln!("closed {:?} after the burst was sent", sent.elapsed());
+            drop(socket);
+        },
+    )
+    .await;
+}
