@@ -91,13 +91,14 @@ pub enum StartError {
 impl App {
     /// Connects storage, migrates, recovers the inventory and pending reservations, starts
     /// the writer and expiry, and (with `--demo`) seeds the catalog.
-    pub async fn start(settings: Settings) -> Result<Arc<App>, StartError> {
+    pub async fn start(mut settings: Settings) -> Result<Arc<App>, StartError> {
+        let node = settings.resolve_node_id().to_owned();
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
         let writer_store = Store::connect_writer(&settings.database()).await?;
         let secret = jwt_secret(&settings)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::for_node(&node));
         let stop_writer = CancellationToken::new();
         let (writer, writer_task) = Writer::start(
             writer_store.clone(),

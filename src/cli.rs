@@ -12,6 +12,41 @@ use crate::store::Store;
 /// A failure of a command, printed as one line.
 pub type CommandError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A setting or situation that stops the program before it starts: one line and exit
+/// code 2, as a bad setting (PROTOCOL §9).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Cluster mode needs PostgreSQL and Redis; this build has no cluster coordination, so
+/// it refuses rather than run several inventories over one database.
+fn check_cluster(settings: &Settings) -> Result<(), Refusal> {
+    if !settings.cluster {
+        return Ok(());
+    }
+    if !settings.database().is_postgres() {
+        return Err(Refusal(
+            "--cluster: needs a postgres:// --database-url (DATABASE_URL)".to_owned(),
+        ));
+    }
+    if settings.redis_url.is_none() {
+        return Err(Refusal("--cluster: needs --redis-url (REDIS_URL)".to_owned()));
+    }
+    Err(Refusal(
+        "--cluster: cluster mode is not available in this build".to_owned(),
+    ))
+}
+
+/// Takes the database for this process: another server on it is a refusal (exit 2).
+async fn take_database(settings: &Settings) -> Result<crate::exclusive::DatabaseLock, CommandError> {
+    use crate::exclusive::{acquire, LockError};
+    match acquire(&settings.database()).await {
+        Ok(lock) => Ok(lock),
+        Err(held @ LockError::Held) => Err(Refusal(held.to_string()).into()),
+        Err(other) => Err(other.into()),
+    }
+}
+
 pub async fn run(command: Command, settings: Settings) -> Result<(), CommandError> {
     match command {
         Command::Serve => serve(settings).await,
@@ -32,11 +67,15 @@ pub async fn run(command: Command, settings: Settings) -> Result<(), CommandErro
 
 /// Starts the server and runs it until SIGINT or SIGTERM.
 pub async fn serve(settings: Settings) -> Result<(), CommandError> {
+    check_cluster(&settings)?;
+    // Held until the server has stopped.
+    let _database = take_database(&settings).await?;
     let listener = crate::server::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let app = App::start(settings).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = ?app.settings.database(), "listening");
+    let node = app.settings.node_id.as_deref().unwrap_or("");
+    tracing::info!(%addr, node, database = ?app.settings.database(), "listening");
     println!("ticket-api listening on {addr}");
     println!("open http://{addr}/ in a browser; JSON-RPC at ws://{addr}/ws and http://{addr}/rpc");
     let shutdown = app.shutdown.clone();
@@ -125,6 +164,9 @@ pub fn parse_import(bytes: &[u8]) -> Result<Vec<EventDraft>, String> {
 async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(), CommandError> {
     let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let drafts = parse_import(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+    // Importing starts the engine (recovery, expiry) over the database: never behind a
+    // running server's back, whose inventory would not see the new events.
+    let _database = take_database(&settings).await?;
     let app = App::start(Settings {
         demo: false,
         ..settings

@@ -16,6 +16,10 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve);
     match runtime.block_on(ticket_api::cli::run(command, cli.settings)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<ticket_api::cli::Refusal>() => {
+            eprintln!("ticket-api: {error}");
+            ExitCode::from(2)
+        }
         Err(error) => {
             eprintln!("ticket-api: {error}");
             ExitCode::FAILURE

@@ -61,7 +61,12 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
     };
     (
         code,
-        axum::Json(json!({"status": status, "storage": part(storage), "expiry": part(expiry)})),
+        axum::Json(json!({
+            "status": status,
+            "storage": part(storage),
+            "expiry": part(expiry),
+            "node": app.settings.node_id,
+        })),
     )
         .into_response()
 }

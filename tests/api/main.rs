@@ -21,5 +21,6 @@ mod openrpc;
 mod payments;
 mod races;
 mod reservations;
+mod settings;
 mod transports;
 mod web;
