@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,8 +15,10 @@ use crate::auth::{Accounts, Passwords, Tokens};
 use crate::catalog::{Catalog, CatalogService, CreateEventError, FieldError};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
-use crate::core::{Clock, ReservationId, SystemClock};
+use crate::core::reservation::{Reservation, Status};
+use crate::core::{Clock, ReservationId, SystemClock, Timestamp, UserId};
 use crate::engine::payments::TestPayments;
+use crate::engine::ports::{Commits, Records};
 use crate::engine::{Engine, EngineParts};
 use crate::expiry::{Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
@@ -23,8 +26,8 @@ use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::session::AddressLimiter;
 use crate::rpc::{methods, Services};
-use crate::store::writer::Writer;
-use crate::store::{Store, StoreError};
+use crate::store::writer::{WriteError, Writer};
+use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
 use crate::transport::longpoll::LongPollSessions;
 
 /// The machine-readable contract, served by `rpc.discover`.
@@ -120,8 +123,8 @@ impl App {
             crate::expiry::start(&settings, Arc::clone(&clock), deliveries, &background).await?;
         let engine = Arc::new(Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
-            store: store.clone(),
-            writer,
+            store: Arc::new(store.clone()),
+            writer: Arc::new(writer),
             expiry,
             payments: Arc::new(TestPayments),
             notifier: fanout.clone(),
@@ -362,4 +365,47 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
         options.mode(0o600);
     }
     options.open(path)?.write_all(contents.as_bytes())
+}
+
+/// The engine's writer port is the group-commit writer.
+#[async_trait]
+impl Commits for Writer {
+    async fn commit(
+        &self,
+        change: Change,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<(), WriteError> {
+        Writer::commit(self, change, idempotency).await
+    }
+}
+
+/// The engine reads what is committed from the database.
+#[async_trait]
+impl Records for Store {
+    async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, StoreError> {
+        Store::reservation(self, id).await
+    }
+
+    async fn reservations_of(
+        &self,
+        user: UserId,
+        status: Option<Status>,
+        limit: usize,
+    ) -> Result<Vec<Reservation>, StoreError> {
+        Store::reservations_of(self, user, status, limit).await
+    }
+
+    async fn idempotency(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError> {
+        Store::idempotency(self, user, method, key, now).await
+    }
+
+    async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError> {
+        Store::delete_old_idempotency_keys(self, now).await
+    }
 }

@@ -8,9 +8,10 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::ports::Records;
 use super::EngineError;
 use crate::core::{Timestamp, UserId};
-use crate::store::{IdempotencyRecord, Store, StoredIdempotency};
+use crate::store::{IdempotencyRecord, StoredIdempotency};
 
 /// Longest key accepted.
 pub const MAX_KEY_CHARS: usize = 200;
@@ -41,12 +42,12 @@ type LockKey = (UserId, &'static str, String);
 
 /// The keys in flight, each with a lock that serialises calls using it.
 pub struct IdempotencyKeys {
-    store: Store,
+    store: Arc<dyn Records>,
     in_flight: DashMap<LockKey, Arc<Mutex<()>>>,
 }
 
 impl IdempotencyKeys {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Arc<dyn Records>) -> Self {
         Self {
             store,
             in_flight: DashMap::new(),

@@ -9,6 +9,9 @@
 pub mod idempotency;
 pub mod notify;
 pub mod payments;
+pub mod ports;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +22,11 @@ use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveReques
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
 use crate::core::{Clock, PaymentId, ReservationId, TicketTypeId, UserId};
 use crate::expiry::Expiry;
-use crate::store::writer::Writer;
-use crate::store::{Change, PaymentRecord, Store, StoreError};
+use crate::store::{Change, PaymentRecord, StoreError};
 use idempotency::{IdempotencyKeys, Idempotent, KeyedCall};
 use notify::Notifier;
 use payments::{PaymentAdapter, PaymentError};
+use ports::{Commits, Records};
 
 /// How long a payment provider may take before the payment counts as unavailable.
 const PAYMENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,8 +146,8 @@ impl ReservationService for Engine {
 /// The ports and state the engine works with.
 pub struct Engine {
     inventory: Arc<Inventory>,
-    store: Store,
-    writer: Writer,
+    store: Arc<dyn Records>,
+    writer: Arc<dyn Commits>,
     expiry: Arc<dyn Expiry>,
     payments: Arc<dyn PaymentAdapter>,
     notifier: Arc<dyn Notifier>,
@@ -155,8 +158,8 @@ pub struct Engine {
 
 pub struct EngineParts {
     pub inventory: Arc<Inventory>,
-    pub store: Store,
-    pub writer: Writer,
+    pub store: Arc<dyn Records>,
+    pub writer: Arc<dyn Commits>,
     pub expiry: Arc<dyn Expiry>,
     pub payments: Arc<dyn PaymentAdapter>,
     pub notifier: Arc<dyn Notifier>,
@@ -167,7 +170,7 @@ pub struct EngineParts {
 impl Engine {
     pub fn new(parts: EngineParts) -> Self {
         Self {
-            keys: IdempotencyKeys::new(parts.store.clone()),
+            keys: IdempotencyKeys::new(Arc::clone(&parts.store)),
             inventory: parts.inventory,
             store: parts.store,
             writer: parts.writer,
@@ -405,10 +408,6 @@ impl Engine {
         if self.inventory.restore_pending(reservation) {
             self.expiry.schedule(id, expires_at);
         }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     /// Deletes idempotency keys past their 24 hours.

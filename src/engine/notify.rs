@@ -12,12 +12,3 @@ pub trait Notifier: Send + Sync + 'static {
     /// A reservation became paid, cancelled or expired.
     fn reservation_updated(&self, reservation: &Reservation);
 }
-
-/// Announces nothing: for tools and tests that have no subscribers.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Silent;
-
-impl Notifier for Silent {
-    fn pools_changed(&self, _: EventId, _: &[PoolState]) {}
-    fn reservation_updated(&self, _: &Reservation) {}
-}

@@ -1,0 +1,45 @@
+//! The engine's storage ports: the writer it commits changes through, and the reads it
+//! makes of what is committed. The database behind them is wired in `app.rs`; unit tests
+//! put fakes here.
+
+use async_trait::async_trait;
+
+use crate::core::reservation::{Reservation, Status};
+use crate::core::{ReservationId, Timestamp, UserId};
+use crate::store::writer::WriteError;
+use crate::store::{Change, IdempotencyRecord, StoreError, StoredIdempotency};
+
+/// Commits one change (with the idempotency record it produced, atomically with it).
+/// Returns once it is durable; on `Err`, none of it is stored.
+#[async_trait]
+pub trait Commits: Send + Sync + 'static {
+    async fn commit(
+        &self,
+        change: Change,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<(), WriteError>;
+}
+
+/// What the engine reads back from storage.
+#[async_trait]
+pub trait Records: Send + Sync + 'static {
+    /// A reservation as stored (paid, cancelled and expired ones included).
+    async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, StoreError>;
+    /// A user's reservations, newest first, at most `limit`.
+    async fn reservations_of(
+        &self,
+        user: UserId,
+        status: Option<Status>,
+        limit: usize,
+    ) -> Result<Vec<Reservation>, StoreError>;
+    /// The stored result of an idempotency key younger than 24 hours.
+    async fn idempotency(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError>;
+    /// Deletes idempotency keys older than 24 hours; returns how many.
+    async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError>;
+}

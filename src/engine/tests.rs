@@ -1,0 +1,453 @@
+//! The engine alone: a real inventory, fakes for storage, writer, expiry, payments and
+//! notifications, and a clock the test moves.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::idempotency::{params_hash, Idempotent, KeyedCall};
+use super::notify::Notifier;
+use super::payments::{PaymentAdapter, PaymentError};
+use super::ports::{Commits, Records};
+use super::{Engine, EngineError, EngineParts};
+use crate::core::inventory::{Inventory, PoolState};
+use crate::core::reservation::{Reservation, Status};
+use crate::core::{
+    Clock, Currency, Event, EventId, Money, ReservationId, Rule, TicketType, TicketTypeId,
+    Timestamp, UserId,
+};
+use crate::expiry::Expiry;
+use crate::store::writer::WriteError;
+use crate::store::{Change, IdempotencyRecord, StoreError, StoredIdempotency};
+
+const TTL: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// What the fake writer does with the next commits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Commit,
+    Fail,
+    QueueFull,
+}
+
+/// A writer and database in memory: committed changes become records the reads return.
+struct Database {
+    outcome: Mutex<Outcome>,
+    committed: Mutex<Vec<Change>>,
+    reservations: Mutex<HashMap<ReservationId, Reservation>>,
+    keys: Mutex<HashMap<(UserId, String, String), StoredIdempotency>>,
+}
+
+impl Database {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            outcome: Mutex::new(Outcome::Commit),
+            committed: Mutex::default(),
+            reservations: Mutex::default(),
+            keys: Mutex::default(),
+        })
+    }
+
+    fn then(&self, outcome: Outcome) {
+        *self.outcome.lock().unwrap() = outcome;
+    }
+
+    fn commits(&self) -> usize {
+        self.committed.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Commits for Database {
+    async fn commit(
+        &self,
+        change: Change,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<(), WriteError> {
+        match *self.outcome.lock().unwrap() {
+            Outcome::Commit => {}
+            Outcome::Fail => return Err(WriteError::Failed("connection reset".into())),
+            Outcome::QueueFull => return Err(WriteError::QueueFull),
+        }
+        {
+            let mut reservations = self.reservations.lock().unwrap();
+            match &change {
+                Change::Reserve(r) => {
+                    reservations.insert(r.id, r.clone());
+                }
+                Change::Release { id, status, .. } => {
+                    reservations.get_mut(id).unwrap().status = *status;
+                }
+                Change::Pay(payment) => {
+                    reservations
+                        .get_mut(&payment.reservation_id)
+                        .unwrap()
+                        .status = Status::Paid;
+                }
+            }
+        }
+        if let Some(record) = idempotency {
+            self.keys.lock().unwrap().insert(
+                (record.user_id, record.method.to_owned(), record.key),
+                StoredIdempotency {
+                    params_hash: record.params_hash,
+                    response: record.response,
+                },
+            );
+        }
+        self.committed.lock().unwrap().push(change);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Records for Database {
+    async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, StoreError> {
+        Ok(self.reservations.lock().unwrap().get(&id).cloned())
+    }
+    async fn reservations_of(
+        &self,
+        user: UserId,
+        status: Option<Status>,
+        _: usize,
+    ) -> Result<Vec<Reservation>, StoreError> {
+        let all = self.reservations.lock().unwrap();
+        Ok(all
+            .values()
+            .filter(|r| r.user_id == user && status.is_none_or(|s| s == r.status))
+            .cloned()
+            .collect())
+    }
+    async fn idempotency(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        _: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError> {
+        let keys = self.keys.lock().unwrap();
+        Ok(keys
+            .get(&(user, method.to_owned(), key.to_owned()))
+            .cloned())
+    }
+    async fn delete_old_idempotency_keys(&self, _: Timestamp) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+/// Remembers what is scheduled.
+#[derive(Default)]
+struct Schedule(Mutex<HashMap<ReservationId, Timestamp>>);
+
+impl Expiry for Schedule {
+    fn schedule(&self, id: ReservationId, at: Timestamp) {
+        self.0.lock().unwrap().insert(id, at);
+    }
+    fn cancel(&self, id: ReservationId) {
+        self.0.lock().unwrap().remove(&id);
+    }
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// Records every announcement.
+#[derive(Default)]
+struct Announcements {
+    pools: Mutex<Vec<PoolState>>,
+    reservations: Mutex<Vec<Reservation>>,
+}
+
+impl Notifier for Announcements {
+    fn pools_changed(&self, _: EventId, pools: &[PoolState]) {
+        self.pools.lock().unwrap().extend_from_slice(pools);
+    }
+    fn reservation_updated(&self, reservation: &Reservation) {
+        self.reservations.lock().unwrap().push(reservation.clone());
+    }
+}
+
+/// A provider that answers each charge when the test says so.
+struct GatedPayments {
+    started: Notify,
+    answer: Notify,
+    result: Mutex<Result<(), PaymentError>>,
+}
+
+#[async_trait]
+impl PaymentAdapter for GatedPayments {
+    async fn charge(&self, _: ReservationId, _: Money, _: &str) -> Result<(), PaymentError> {
+        self.started.notify_one();
+        self.answer.notified().await;
+        *self.result.lock().unwrap()
+    }
+}
+
+struct Setup {
+    engine: Arc<Engine>,
+    inventory: Arc<Inventory>,
+    database: Arc<Database>,
+    expiry: Arc<Schedule>,
+    announced: Arc<Announcements>,
+    payments: Arc<GatedPayments>,
+    clock: Arc<ManualClock>,
+    ticket_type: TicketTypeId,
+    event_id: EventId,
+}
+
+/// One event with one ticket type of `capacity` tickets.
+fn setup(capacity: u32) -> Setup {
+    let event_id = EventId::new();
+    let ticket_type = TicketTypeId::new();
+    let inventory = Arc::new(Inventory::new());
+    inventory.insert_event(
+        Event {
+            id: event_id,
+            name: "Gig".into(),
+            starts_at: Timestamp::from_millis(2_000_000_000_000),
+            venue: None,
+            ticket_types: vec![TicketType {
+                id: ticket_type,
+                event_id,
+                name: "Standing".into(),
+                price: Money::new(2_500, Currency::parse("EUR").unwrap()),
+                capacity,
+                rule: Rule::Any,
+            }],
+        },
+        &[capacity],
+    );
+    let database = Database::new();
+    let expiry = Arc::new(Schedule::default());
+    let announced = Arc::new(Announcements::default());
+    let payments = Arc::new(GatedPayments {
+        started: Notify::new(),
+        answer: Notify::new(),
+        result: Mutex::new(Ok(())),
+    });
+    let clock = Arc::new(ManualClock::default());
+    let engine = Arc::new(Engine::new(EngineParts {
+        inventory: Arc::clone(&inventory),
+        store: database.clone(),
+        writer: database.clone(),
+        expiry: expiry.clone(),
+        payments: payments.clone(),
+        notifier: announced.clone(),
+        clock: clock.clone(),
+        ttl: TTL,
+    }));
+    Setup {
+        engine,
+        inventory,
+        database,
+        expiry,
+        announced,
+        payments,
+        clock,
+        ticket_type,
+        event_id,
+    }
+}
+
+impl Setup {
+    fn available(&self) -> u32 {
+        self.inventory.pools(self.event_id).unwrap()[0].available
+    }
+
+    async fn reserve(&self, user: UserId, quantity: u32) -> Result<Reservation, EngineError> {
+        match self
+            .engine
+            .reserve(user, vec![(self.ticket_type, quantity)], None)
+            .await?
+        {
+            Idempotent::Fresh(reservation) => Ok(reservation),
+            Idempotent::Replayed(_) => panic!("no key was given"),
+        }
+    }
+}
+
+fn render(reservation: &Reservation) -> String {
+    reservation.id.to_string()
+}
+
+#[tokio::test]
+async fn a_reserve_whose_commit_fails_gives_its_tickets_back_and_says_so() {
+    let s = setup(10);
+    s.database.then(Outcome::Fail);
+    let refused = s.reserve(UserId::new(), 3).await;
+    assert!(
+        matches!(refused, Err(EngineError::Unavailable)),
+        "{refused:?}"
+    );
+    assert_eq!(s.available(), 10);
+    assert!(s.expiry.0.lock().unwrap().is_empty(), "nothing to expire");
+    // Subscribers saw the tickets come back: the last announced state is the full pool.
+    let pools = s.announced.pools.lock().unwrap();
+    assert_eq!(pools.last().map(|p| p.available), Some(10));
+    assert_eq!(s.database.commits(), 0);
+}
+
+#[tokio::test]
+async fn a_full_write_queue_refuses_at_once_and_changes_nothing() {
+    let s = setup(10);
+    s.database.then(Outcome::QueueFull);
+    let refused = s.reserve(UserId::new(), 1).await;
+    assert!(
+        matches!(refused, Err(EngineError::Unavailable)),
+        "{refused:?}"
+    );
+    assert_eq!(s.available(), 10);
+}
+
+#[tokio::test]
+async fn a_cancel_whose_commit_fails_stays_pending_with_its_tickets() {
+    let s = setup(10);
+    let user = UserId::new();
+    let reservation = s.reserve(user, 4).await.unwrap();
+    s.database.then(Outcome::Fail);
+    let refused = s.engine.cancel(user, reservation.id).await;
+    assert!(
+        matches!(refused, Err(EngineError::Unavailable)),
+        "{refused:?}"
+    );
+    assert_eq!(s.available(), 6);
+    assert_eq!(
+        s.inventory.active(reservation.id).map(|r| r.status),
+        Some(Status::Pending)
+    );
+    s.database.then(Outcome::Commit);
+    let cancelled = s.engine.cancel(user, reservation.id).await.unwrap();
+    assert_eq!(cancelled.status, Status::Cancelled);
+    assert_eq!(s.available(), 10);
+}
+
+#[tokio::test]
+async fn a_committed_reserve_is_scheduled_to_expire_and_announced() {
+    let s = setup(10);
+    let reservation = s.reserve(UserId::new(), 2).await.unwrap();
+    assert_eq!(
+        reservation.expires_at,
+        Timestamp::from_millis(0).saturating_add(TTL)
+    );
+    assert_eq!(
+        s.expiry.0.lock().unwrap().get(&reservation.id),
+        Some(&reservation.expires_at)
+    );
+    assert_eq!(
+        s.announced
+            .pools
+            .lock()
+            .unwrap()
+            .last()
+            .map(|p| (p.available, p.version)),
+        Some((8, 1))
+    );
+}
+
+#[tokio::test]
+async fn a_payment_begun_before_expiry_wins_over_the_expiry() {
+    let s = setup(10);
+    let user = UserId::new();
+    let reservation = s.reserve(user, 2).await.unwrap();
+    let paying = tokio::spawn({
+        let engine = Arc::clone(&s.engine);
+        async move { engine.pay(user, reservation.id, "tok_ok", None).await }
+    });
+    s.payments.started.notified().await;
+    // The provider takes its time; the reservation falls due meanwhile.
+    s.clock.advance(TTL + Duration::from_secs(1));
+    s.engine.expire(reservation.id).await;
+    assert_eq!(s.available(), 8, "expiry left the paying reservation alone");
+    s.payments.answer.notify_one();
+    let Idempotent::Fresh(paid) = paying.await.unwrap().unwrap() else {
+        panic!("no key was given")
+    };
+    assert_eq!(paid.reservation.status, Status::Paid);
+    assert_eq!(s.available(), 8);
+    assert!(s.expiry.0.lock().unwrap().is_empty(), "expiry cancelled");
+}
+
+#[tokio::test]
+async fn a_payment_declined_after_the_time_ran_out_releases_the_reservation() {
+    let s = setup(10);
+    let user = UserId::new();
+    let reservation = s.reserve(user, 2).await.unwrap();
+    *s.payments.result.lock().unwrap() = Err(PaymentError::Declined);
+    let paying = tokio::spawn({
+        let engine = Arc::clone(&s.engine);
+        async move { engine.pay(user, reservation.id, "tok_declined", None).await }
+    });
+    s.payments.started.notified().await;
+    s.clock.advance(TTL + Duration::from_secs(1));
+    s.payments.answer.notify_one();
+    let refused = paying.await.unwrap();
+    assert!(
+        matches!(refused, Err(EngineError::PaymentDeclined)),
+        "{refused:?}"
+    );
+    assert_eq!(s.available(), 10);
+    let stored = s.database.reservations.lock().unwrap()[&reservation.id].clone();
+    assert_eq!(stored.status, Status::Expired);
+}
+
+#[tokio::test]
+async fn a_key_replays_the_first_result_and_refuses_other_params() {
+    let s = setup(10);
+    let user = UserId::new();
+    let call = |quantity: u32| KeyedCall {
+        method: "tickets.reserve",
+        key: "k-1",
+        params_hash: params_hash(&format!("{quantity}")),
+        render: &render,
+    };
+    let Idempotent::Fresh(first) = s
+        .engine
+        .reserve(user, vec![(s.ticket_type, 2)], Some(call(2)))
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs")
+    };
+    let again = s
+        .engine
+        .reserve(user, vec![(s.ticket_type, 2)], Some(call(2)))
+        .await
+        .unwrap();
+    assert!(matches!(&again, Idempotent::Replayed(text) if *text == first.id.to_string()));
+    assert_eq!(s.available(), 8, "the replay took nothing");
+    let other = s
+        .engine
+        .reserve(user, vec![(s.ticket_type, 3)], Some(call(3)))
+        .await;
+    assert!(
+        matches!(other, Err(EngineError::IdempotencyConflict)),
+        "{other:?}"
+    );
+    // Keys are per user: another user's same key is a call of its own.
+    let stranger = s
+        .engine
+        .reserve(UserId::new(), vec![(s.ticket_type, 2)], Some(call(2)))
+        .await
+        .unwrap();
+    assert!(matches!(stranger, Idempotent::Fresh(_)));
+    assert_eq!(s.available(), 6);
+}
