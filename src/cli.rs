@@ -30,7 +30,9 @@ fn check_cluster(settings: &Settings) -> Result<(), Refusal> {
         ));
     }
     if settings.redis_url.is_none() {
-        return Err(Refusal("--cluster: needs --redis-url (REDIS_URL)".to_owned()));
+        return Err(Refusal(
+            "--cluster: needs --redis-url (REDIS_URL)".to_owned(),
+        ));
     }
     Err(Refusal(
         "--cluster: cluster mode is not available in this build".to_owned(),
@@ -38,7 +40,9 @@ fn check_cluster(settings: &Settings) -> Result<(), Refusal> {
 }
 
 /// Takes the database for this process: another server on it is a refusal (exit 2).
-async fn take_database(settings: &Settings) -> Result<crate::exclusive::DatabaseLock, CommandError> {
+async fn take_database(
+    settings: &Settings,
+) -> Result<crate::exclusive::DatabaseLock, CommandError> {
     use crate::exclusive::{acquire, LockError};
     match acquire(&settings.database()).await {
         Ok(lock) => Ok(lock),
@@ -149,13 +153,9 @@ pub fn parse_import(bytes: &[u8]) -> Result<Vec<EventDraft>, String> {
         };
         crate::rpc::shape::objects_only(&object, "")
             .map_err(|e| format!("event [{i}]: {}: {}", e.field, e.message))?;
-        let draft: EventDraft =
-            serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|e| {
-                format!("event [{i}]: {}: {}", e.path(), e.inner())
-            })?;
-        draft
-            .validate()
-            .map_err(|e| format!("event [{i}]: {e}"))?;
+        let draft: EventDraft = serde_path_to_error::deserialize(serde_json::Value::Object(object))
+            .map_err(|e| format!("event [{i}]: {}: {}", e.path(), e.inner()))?;
+        draft.validate().map_err(|e| format!("event [{i}]: {e}"))?;
         drafts.push(draft);
     }
     Ok(drafts)
@@ -192,5 +192,22 @@ mod tests {
         assert!(parse_import(b"[[\"x\"]]").is_err());
         assert!(parse_import(b"\xff").unwrap_err().contains("UTF-8"));
         assert_eq!(parse_import(b"[]").unwrap().len(), 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes, and any cut of a valid file, are refused with a message or read as
+        /// valid drafts; never a panic.
+        #[test]
+        fn an_import_file_of_any_bytes_is_answered(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), cut in 0usize..2_000) {
+            let _ = parse_import(&bytes);
+            let demo = include_bytes!("demo_events.json");
+            if let Ok(drafts) = parse_import(&demo[..cut.min(demo.len())]) {
+                for draft in drafts {
+                    proptest::prop_assert!(draft.validate().is_ok());
+                }
+            }
+        }
     }
 }

@@ -274,13 +274,15 @@ fn parse_origin(text: &str) -> Result<String, String> {
     let origin = text.trim().trim_end_matches('/').to_ascii_lowercase();
     let valid = origin == "*"
         || origin == "null"
-        || origin
-            .split_once("://")
-            .is_some_and(|(scheme, host)| !scheme.is_empty() && !host.is_empty() && !host.contains('/'));
+        || origin.split_once("://").is_some_and(|(scheme, host)| {
+            !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+        });
     if valid {
         Ok(origin)
     } else {
-        Err(format!("{text:?} is not an origin such as https://shop.example"))
+        Err(format!(
+            "{text:?} is not an origin such as https://shop.example"
+        ))
     }
 }
 

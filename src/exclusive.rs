@@ -61,7 +61,11 @@ pub async fn acquire(database: &DatabaseUrl) -> Result<DatabaseLock, LockError> 
                 .write(true)
                 .open(&path)
                 .map_err(|e| LockError::Failed(format!("{}: {e}", path.display())))?;
-            match file.try_lock() {
+            // `File::try_lock` (Rust 1.89) is an `flock` on Unix; the release builds use a
+            // newer toolchain than the declared minimum.
+            #[allow(clippy::incompatible_msrv)]
+            let locked = file.try_lock();
+            match locked {
                 Ok(()) => Ok(DatabaseLock::Sqlite(file)),
                 Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held),
                 Err(std::fs::TryLockError::Error(e)) => {
@@ -94,7 +98,10 @@ mod tests {
             lock_path("sqlite://data/ticket-api.db?mode=rwc"),
             Some(PathBuf::from("data/ticket-api.db.lock"))
         );
-        assert_eq!(lock_path("sqlite:/tmp/x.db"), Some(PathBuf::from("/tmp/x.db.lock")));
+        assert_eq!(
+            lock_path("sqlite:/tmp/x.db"),
+            Some(PathBuf::from("/tmp/x.db.lock"))
+        );
         assert_eq!(lock_path("sqlite::memory:"), None);
         assert_eq!(lock_path("sqlite://x?mode=memory"), None);
     }

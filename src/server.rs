@@ -76,10 +76,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn run(listener: TcpListener, app: Arc<App>) -> std::io::Result<()> {
     let router = router(Arc::clone(&app));
     let max_open = admission::file_limit().map_or(usize::MAX, admission::capacity_for_file_limit);
-    let admission = Admission::new(
-        app.settings.max_connections_per_address as usize,
-        max_open,
-    );
+    let admission = Admission::new(app.settings.max_connections_per_address as usize, max_open);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -83,11 +83,15 @@ mod tests {
     #[test]
     fn lists_of_objects_and_plain_values_pass() {
         assert_eq!(
-            check(json!({"items": [{"ticket_type_id": "a", "quantity": 1}], "idempotency_key": "k"})),
+            check(
+                json!({"items": [{"ticket_type_id": "a", "quantity": 1}], "idempotency_key": "k"})
+            ),
             Ok(())
         );
         assert_eq!(
-            check(json!({"name": "x", "ticket_types": [{"price": {"amount": 1, "currency": "EUR"}, "rule": {"kind": "any"}}]})),
+            check(
+                json!({"name": "x", "ticket_types": [{"price": {"amount": 1, "currency": "EUR"}, "rule": {"kind": "any"}}]})
+            ),
             Ok(())
         );
     }

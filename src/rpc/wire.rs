@@ -186,8 +186,8 @@ mod tests {
 
     #[test]
     fn empty_array_params_are_no_params() {
-        let call = parse_call(json!({"jsonrpc": "2.0", "id": 3, "method": "m", "params": []}))
-            .unwrap();
+        let call =
+            parse_call(json!({"jsonrpc": "2.0", "id": 3, "method": "m", "params": []})).unwrap();
         assert!(call.params.is_empty());
     }
 

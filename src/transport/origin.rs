@@ -82,15 +82,36 @@ mod tests {
     fn no_origin_and_the_same_host_pass_others_only_when_listed() {
         let none: Vec<String> = Vec::new();
         assert!(allowed(&none, &headers(None, "127.0.0.1:4000")));
-        assert!(allowed(&none, &headers(Some("http://127.0.0.1:4000"), "127.0.0.1:4000")));
-        assert!(allowed(&none, &headers(Some("https://Shop.Example"), "shop.example:443")));
-        assert!(!allowed(&none, &headers(Some("http://evil.example"), "127.0.0.1:4000")));
-        assert!(!allowed(&none, &headers(Some("http://127.0.0.1:4001"), "127.0.0.1:4000")));
+        assert!(allowed(
+            &none,
+            &headers(Some("http://127.0.0.1:4000"), "127.0.0.1:4000")
+        ));
+        assert!(allowed(
+            &none,
+            &headers(Some("https://Shop.Example"), "shop.example:443")
+        ));
+        assert!(!allowed(
+            &none,
+            &headers(Some("http://evil.example"), "127.0.0.1:4000")
+        ));
+        assert!(!allowed(
+            &none,
+            &headers(Some("http://127.0.0.1:4001"), "127.0.0.1:4000")
+        ));
         assert!(!allowed(&none, &headers(Some("null"), "127.0.0.1:4000")));
         let listed = vec!["https://shop.example".to_owned()];
-        assert!(allowed(&listed, &headers(Some("https://shop.example"), "api.example")));
-        assert!(!allowed(&listed, &headers(Some("https://other.example"), "api.example")));
+        assert!(allowed(
+            &listed,
+            &headers(Some("https://shop.example"), "api.example")
+        ));
+        assert!(!allowed(
+            &listed,
+            &headers(Some("https://other.example"), "api.example")
+        ));
         let any = vec!["*".to_owned()];
-        assert!(allowed(&any, &headers(Some("https://other.example"), "api.example")));
+        assert!(allowed(
+            &any,
+            &headers(Some("https://other.example"), "api.example")
+        ));
     }
 }

@@ -172,7 +172,9 @@ async fn read_loop(
                 // other (PROTOCOL §1). The WebSocket library cannot read on after it, so
                 // the connection then closes with 1007.
                 if code == close::INVALID_PAYLOAD {
-                    let _ = responses.send(Outgoing::Text(super::parse_error_text())).await;
+                    let _ = responses
+                        .send(Outgoing::Text(super::parse_error_text()))
+                        .await;
                 }
                 return (code, reason);
             }

@@ -26,7 +26,15 @@ async fn logins_and_registrations_are_limited_per_client_address() {
                 } else {
                     json!({"email": format!("new-{i}@example.com"), "password": "long-enough"})
                 };
-                app.rpc(if i % 2 == 0 { "auth.login" } else { "auth.register" }, params, None)
+                app.rpc(
+                    if i % 2 == 0 {
+                        "auth.login"
+                    } else {
+                        "auth.register"
+                    },
+                    params,
+                    None,
+                )
             });
             let answers = futures_util::future::join_all(calls).await;
             let limited: Vec<_> = answers
@@ -70,8 +78,14 @@ async fn a_foreign_origin_is_refused_on_websocket_and_long_poll_with_403() {
             let own = format!("http://{}", app.addr);
             assert_eq!(upgrade_status(app.addr, None).await, 101);
             assert_eq!(upgrade_status(app.addr, Some(&own)).await, 101);
-            assert_eq!(upgrade_status(app.addr, Some("https://shop.example")).await, 101);
-            assert_eq!(upgrade_status(app.addr, Some("https://evil.example")).await, 403);
+            assert_eq!(
+                upgrade_status(app.addr, Some("https://shop.example")).await,
+                101
+            );
+            assert_eq!(
+                upgrade_status(app.addr, Some("https://evil.example")).await,
+                403
+            );
 
             let open = |origin: Option<&'static str>| {
                 let mut request = app.http.post(app.url("/lp"));
@@ -82,7 +96,11 @@ async fn a_foreign_origin_is_refused_on_websocket_and_long_poll_with_403() {
             };
             assert_eq!(open(None).await.unwrap().status().as_u16(), 201);
             assert_eq!(
-                open(Some("https://evil.example")).await.unwrap().status().as_u16(),
+                open(Some("https://evil.example"))
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
                 403
             );
             let lp = app.long_poll(None).await;
@@ -169,12 +187,23 @@ async fn unfinished_requests_and_idle_keep_alive_connections_are_closed() {
             kept_alive.read_exact(&mut answer).await.unwrap();
             assert_eq!(&answer, b"HTTP/1.1 200");
             let within = Duration::from_secs(15);
-            assert!(closed_within(&mut partial, within).await, "a partial request line");
-            assert!(closed_within(&mut headers_only, within).await, "partial headers");
+            assert!(
+                closed_within(&mut partial, within).await,
+                "a partial request line"
+            );
+            assert!(
+                closed_within(&mut headers_only, within).await,
+                "partial headers"
+            );
             assert!(closed_within(&mut silent, within).await, "nothing sent");
-            assert!(closed_within(&mut kept_alive, within).await, "idle keep-alive");
+            assert!(
+                closed_within(&mut kept_alive, within).await,
+                "idle keep-alive"
+            );
             // A whole request is still served.
-            assert!(first_status_line("127.0.0.1", app.addr).await.contains("200"));
+            assert!(first_status_line("127.0.0.1", app.addr)
+                .await
+                .contains("200"));
         },
     )
     .await;
@@ -196,12 +225,16 @@ async fn connections_over_the_per_address_cap_are_answered_503() {
             let status = first_status_line("127.0.0.2", app.addr).await;
             assert!(status.contains("200"), "{status:?}");
             drop(held);
-            crate::harness::poll_until(Duration::from_secs(10), "a place is free again", || async {
-                first_status_line("127.0.0.1", app.addr)
-                    .await
-                    .contains("200")
-                    .then_some(())
-            })
+            crate::harness::poll_until(
+                Duration::from_secs(10),
+                "a place is free again",
+                || async {
+                    first_status_line("127.0.0.1", app.addr)
+                        .await
+                        .contains("200")
+                        .then_some(())
+                },
+            )
             .await;
         },
     )
@@ -221,10 +254,9 @@ async fn a_websocket_whose_client_stops_reading_is_closed_after_the_write_timeou
         },
         |app| async move {
             let permits = app.app.connection_permits.available_permits();
-            let (mut socket, _) =
-                tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
-                    .await
-                    .unwrap();
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
+                .await
+                .unwrap();
             // 8 batches of 50 `rpc.discover` calls: ~18 MB of answers, far more than the
             // socket buffers hold, and the client reads none of them.
             let batch: Vec<_> = (0..50)

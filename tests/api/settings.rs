@@ -20,7 +20,10 @@ fn command(dir: &std::path::Path, args: &[&str]) -> Command {
         .env_remove("NO_COLOR")
         .env("TICKET_API_LISTEN", "127.0.0.1:0")
         .env("TICKET_API_DATA_DIR", dir.join("data"))
-        .env("TICKET_API_JWT_SECRET", "settings-test-secret-settings-test!!")
+        .env(
+            "TICKET_API_JWT_SECRET",
+            "settings-test-secret-settings-test!!",
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -51,7 +54,10 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if line.starts_with("ticket-api listening on") {
                     let _ = tx.send(());
                 }
@@ -117,7 +123,11 @@ fn boolean_settings_accept_1_yes_on_in_the_environment() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let output = finish(command(dir.path(), &["migrate", "--demo=maybe"]).spawn().unwrap());
+    let output = finish(
+        command(dir.path(), &["migrate", "--demo=maybe"])
+            .spawn()
+            .unwrap(),
+    );
     assert_refused(&output, "--demo");
 }
 
@@ -152,16 +162,37 @@ fn a_second_server_on_one_sqlite_data_folder_is_refused_until_the_first_stops() 
     assert_refused(&second, "another ticket-api server");
     // Importing behind the server's back is refused too; adding a user is safe.
     std::fs::write(dir.path().join("events.json"), "[]").unwrap();
-    let import = finish(command(dir.path(), &["events", "import", "events.json"]).spawn().unwrap());
-    assert_refused(&import, "another ticket-api server");
-    let add = finish(
-        command(dir.path(), &["user", "add", "--email", "a@example.com", "--password", "long-enough"])
+    let import = finish(
+        command(dir.path(), &["events", "import", "events.json"])
             .spawn()
             .unwrap(),
     );
-    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    assert_refused(&import, "another ticket-api server");
+    let add = finish(
+        command(
+            dir.path(),
+            &[
+                "user",
+                "add",
+                "--email",
+                "a@example.com",
+                "--password",
+                "long-enough",
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
     let log = first.stop();
-    assert!(!log.contains('\u{1b}'), "colour codes in a piped log: {log:?}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
     assert!(log.contains("node"), "the log names the node: {log}");
     Server::start(command(dir.path(), &[])).stop();
 }
