@@ -20,7 +20,7 @@ use crate::core::{Clock, ReservationId, SystemClock, Timestamp, UserId};
 use crate::engine::payments::TestPayments;
 use crate::engine::ports::{Commits, Records};
 use crate::engine::{Engine, EngineParts};
-use crate::expiry::{Deliveries, ExpiryStartError, DUE_CAPACITY};
+use crate::expiry::{sweeper, Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
@@ -38,8 +38,8 @@ pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often idempotency keys past their 24 hours are deleted.
 const FORGET_KEYS_EVERY: Duration = Duration::from_secs(3600);
-/// Expiries committed at once; they share the writer's batches.
-const CONCURRENT_EXPIRIES: usize = 256;
+/// How often the login budgets of quiet addresses are dropped.
+const FORGET_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything a call may need. Shared by every connection behind an `Arc`.
 pub struct App {
@@ -189,14 +189,26 @@ impl App {
         app.recover().await?;
         app.background
             .spawn(Arc::clone(&app.fanout).run(app.stop_background.clone()));
-        app.background.spawn(expire_due(Arc::clone(&app), due_rx));
+        app.background.spawn(sweeper::expire_due(
+            app.engine.clone(),
+            due_rx,
+            app.background.clone(),
+            app.stop_background.clone(),
+        ));
         app.background.spawn(LongPollSessions::expire_idle(
             Arc::clone(&app),
             app.stop_background.clone(),
         ));
-        app.background
-            .spawn(sweep(Arc::clone(&app), due_tx, sweep_now));
+        app.background.spawn(sweeper::sweep(
+            app.engine.clone(),
+            due_tx,
+            sweep_now,
+            SWEEP_EVERY,
+            app.stop_background.clone(),
+        ));
         app.background.spawn(forget_old_keys(Arc::clone(&app)));
+        app.background
+            .spawn(forget_idle_addresses(Arc::clone(&app)));
         if app.settings.demo {
             app.seed_demo().await?;
         }
@@ -273,41 +285,15 @@ impl App {
     }
 }
 
-/// Releases reservations as they fall due, many at once so their commits share batches.
-async fn expire_due(app: Arc<App>, mut due: mpsc::Receiver<ReservationId>) {
-    let permits = Arc::new(Semaphore::new(CONCURRENT_EXPIRIES));
-    loop {
-        let id = tokio::select! {
-            id = due.recv() => match id { Some(id) => id, None => return },
-            () = app.stop_background.cancelled() => return,
-        };
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let app = Arc::clone(&app);
-        app.background.clone().spawn(async move {
-            app.engine.expire(id).await;
-            drop(permit);
-        });
-    }
-}
-
-/// Catches what no expiry source delivered (a lost notification, a failed commit):
-/// periodically, and at once when a source asks (after a Redis reconnect).
-async fn sweep(app: Arc<App>, due: mpsc::Sender<ReservationId>, sweep_now: Arc<Notify>) {
-    let mut every = tokio::time::interval(SWEEP_EVERY);
+/// Drops the login budgets of addresses that are back to full, so the table stays small.
+async fn forget_idle_addresses(app: Arc<App>) {
+    let mut every = tokio::time::interval(FORGET_ADDRESSES_EVERY);
     loop {
         tokio::select! {
             _ = every.tick() => {}
-            () = sweep_now.notified() => {}
             () = app.stop_background.cancelled() => return,
         }
         app.auth_limiter.forget_idle();
-        for id in app.engine.overdue() {
-            if due.send(id).await.is_err() {
-                return;
-            }
-        }
     }
 }
 

@@ -1,22 +1,41 @@
 //! ticket-api: a realtime ticket-reservation server.
 //!
-//! A reservation travels `transport → rpc → core`, with storage and expiry behind ports:
+//! A reservation travels `transport → rpc → engine → core`; storage, expiry and fan-out sit
+//! below the engine, behind ports (small traits held as `Arc<dyn …>`). Each layer imports
+//! only the layers under it:
 //!
-//! - [`transport`]: framing only. `GET /ws` (WebSocket), `POST /rpc` (one-shot HTTP), and
-//!   the long-poll fallback at `/lp`.
+//! ```text
+//! app, server, cli        wiring: the only place that knows the concrete implementations
+//!   transport             ws | longpoll | http: framing only
+//!     rpc                 wire types, dispatch, one method table over rpc::Services
+//!       auth, catalog     services behind ports (AccountService, CatalogService)
+//!       engine            the reservation lifecycle (ReservationService); its ports:
+//!                         Commits, Records, Expiry, PaymentAdapter, Notifier, Clock
+//!         fanout          subscriptions, coalesced pool.update, per-connection outboxes
+//!         expiry          Redis TTLs | in-process timer, the sweeper
+//!         store           PostgreSQL | SQLite, the group-commit writer
+//!         shapes          the wire JSON of domain values and notifications
+//!           core          the domain, free of I/O; imports no other module
+//! ```
+//!
+//! - [`transport`]: `GET /ws` (WebSocket), `POST /rpc` (one-shot HTTP), and the long-poll
+//!   fallback at `/lp`.
 //! - [`rpc`]: JSON-RPC 2.0 wire types, the one error mapping, the call context
-//!   ([`rpc::Session`]) and one method table that every domain module registers into.
+//!   ([`rpc::Ctx`]: [`rpc::Services`] and the caller's [`rpc::Session`]) and one method
+//!   table that every domain module registers into.
+//! - [`auth`]: Argon2id password hashes, HS256 JWTs and the accounts service.
+//! - [`catalog`]: event drafts, their validation and creation, and event reads.
+//! - [`engine`]: the reservation lifecycle over the core, with the writer, storage, expiry,
+//!   payment and notification ports.
+//! - [`fanout`]: subscriptions, coalesced `pool.update`s and per-connection outboxes.
+//! - [`expiry`]: when pending reservations fall due (Redis key TTLs or an in-process timer)
+//!   and the sweeper that releases them.
+//! - [`store`]: PostgreSQL or SQLite through sqlx, and the group-commit writer.
+//! - [`shapes`]: the JSON of the domain values and notifications, written down once.
 //! - [`core`]: the domain, free of I/O: catalog, selling rules, inventory and the
 //!   reservation lifecycle.
-//! - [`engine`]: the reservation lifecycle over the core, with the write-behind writer and
-//!   the expiry, payment and notification ports.
-//! - [`expiry`]: when pending reservations fall due: Redis key TTLs or an in-process timer.
-//! - [`fanout`]: subscriptions, coalesced `pool.update`s and per-connection outboxes.
-//! - [`store`]: PostgreSQL or SQLite through sqlx, and the group-commit writer.
-//! - [`auth`]: Argon2id password hashes and HS256 JWTs.
-//! - [`app`]: the wiring, the only place that knows the concrete implementations.
-//! - [`server`]: routes, binding and graceful shutdown; [`server::run`] takes a bound
-//!   listener so tests can bind port 0.
+//! - [`app`]: the wiring; [`server`]: routes, binding and graceful shutdown
+//!   ([`server::run`] takes a bound listener so tests can bind port 0).
 
 pub mod app;
 pub mod auth;

@@ -12,6 +12,7 @@ pub mod money;
 pub mod reservation;
 pub mod rules;
 pub mod time;
+pub mod tokens;
 pub mod user;
 
 pub use catalog::{Event, TicketType, MAX_COUNT};
@@ -23,6 +24,7 @@ pub use money::{Currency, Money};
 pub use reservation::{InvalidStatus, ReleaseKind, Reservation, ReservationItem, Status};
 pub use rules::{Refusal, Rule};
 pub use time::{Clock, SystemClock, Timestamp};
+pub use tokens::{BadLength, IdempotencyKey, PaymentToken};
 pub use user::{
     Email, Password, PasswordError, Role, User, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS,
 };

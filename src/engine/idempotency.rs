@@ -10,16 +10,13 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::ports::Records;
 use super::EngineError;
-use crate::core::{Timestamp, UserId};
+use crate::core::{IdempotencyKey, Timestamp, UserId};
 use crate::store::{IdempotencyRecord, StoredIdempotency};
-
-/// Longest key accepted.
-pub const MAX_KEY_CHARS: usize = 200;
 
 /// A call made with an idempotency key.
 pub struct KeyedCall<'a, T> {
     pub method: &'static str,
-    pub key: &'a str,
+    pub key: &'a IdempotencyKey,
     /// Identifies the params; a reuse of the key with other params is a conflict.
     pub params_hash: String,
     /// The result as it is stored and replayed (the wire form).
@@ -70,7 +67,7 @@ impl IdempotencyKeys {
                 lock: None,
             });
         };
-        let lock_key: LockKey = (user, call.method, call.key.to_owned());
+        let lock_key: LockKey = (user, call.method, call.key.as_str().to_owned());
         // Clone the Arc out and drop the map guard before awaiting the lock.
         let mutex = Arc::clone(self.in_flight.entry(lock_key).or_default().value());
         let lock = mutex.lock_owned().await;
@@ -84,7 +81,7 @@ impl IdempotencyKeys {
         let call = guard.call.as_ref().expect("set above");
         guard.stored = self
             .store
-            .idempotency(user, call.method, call.key, now)
+            .idempotency(user, call.method, call.key.as_str(), now)
             .await?;
         Ok(guard)
     }
@@ -117,7 +114,7 @@ impl<T> KeyGuard<'_, T> {
         Some(IdempotencyRecord {
             user_id: self.user,
             method: call.method,
-            key: call.key.to_owned(),
+            key: call.key.as_str().to_owned(),
             params_hash: call.params_hash.clone(),
             response: (call.render)(result),
             at,
@@ -130,7 +127,7 @@ impl<T> Drop for KeyGuard<'_, T> {
         let Some(call) = &self.call else { return };
         drop(self.lock.take());
         // Forget the lock unless another call is waiting on it (it holds a clone).
-        let lock_key: LockKey = (self.user, call.method, call.key.to_owned());
+        let lock_key: LockKey = (self.user, call.method, call.key.as_str().to_owned());
         self.keys
             .in_flight
             .remove_if(&lock_key, |_, mutex| Arc::strong_count(mutex) == 1);

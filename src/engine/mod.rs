@@ -20,7 +20,8 @@ use async_trait::async_trait;
 
 use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
-use crate::core::{Clock, PaymentId, ReservationId, TicketTypeId, UserId};
+use crate::core::{Clock, PaymentId, PaymentToken, ReservationId, TicketTypeId, UserId};
+use crate::expiry::sweeper::Releases;
 use crate::expiry::Expiry;
 use crate::store::{Change, PaymentRecord, StoreError};
 use idempotency::{IdempotencyKeys, Idempotent, KeyedCall};
@@ -99,7 +100,7 @@ pub trait ReservationService: Send + Sync + 'static {
         &self,
         user: UserId,
         id: ReservationId,
-        payment_token: &str,
+        payment_token: &PaymentToken,
         key: Option<KeyedCall<'_, Paid>>,
     ) -> Result<Idempotent<Paid>, EngineError>;
 }
@@ -136,10 +137,22 @@ impl ReservationService for Engine {
         &self,
         user: UserId,
         id: ReservationId,
-        payment_token: &str,
+        payment_token: &PaymentToken,
         key: Option<KeyedCall<'_, Paid>>,
     ) -> Result<Idempotent<Paid>, EngineError> {
         Engine::pay(self, user, id, payment_token, key).await
+    }
+}
+
+/// Expiry releases through the engine, like every other change.
+#[async_trait]
+impl Releases for Engine {
+    fn overdue(&self) -> Vec<ReservationId> {
+        Engine::overdue(self)
+    }
+
+    async fn expire(&self, id: ReservationId) {
+        Engine::expire(self, id).await
     }
 }
 
@@ -318,7 +331,7 @@ impl Engine {
         &self,
         user: UserId,
         id: ReservationId,
-        payment_token: &str,
+        payment_token: &PaymentToken,
         key: Option<KeyedCall<'_, Paid>>,
     ) -> Result<Idempotent<Paid>, EngineError> {
         let key = self.keys.begin(user, key, self.clock.now()).await?;
@@ -331,7 +344,8 @@ impl Engine {
         };
         let charged = tokio::time::timeout(
             PAYMENT_TIMEOUT,
-            self.payments.charge(id, reservation.total, payment_token),
+            self.payments
+                .charge(id, reservation.total, payment_token.as_str()),
         )
         .await
         .unwrap_or(Err(PaymentError::Unavailable));

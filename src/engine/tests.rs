@@ -17,8 +17,8 @@ use super::{Engine, EngineError, EngineParts};
 use crate::core::inventory::{Inventory, PoolState};
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{
-    Clock, Currency, Event, EventId, Money, ReservationId, Rule, TicketType, TicketTypeId,
-    Timestamp, UserId,
+    Clock, Currency, Event, EventId, IdempotencyKey, Money, PaymentToken, ReservationId, Rule,
+    TicketType, TicketTypeId, Timestamp, UserId,
 };
 use crate::expiry::Expiry;
 use crate::store::writer::WriteError;
@@ -285,6 +285,10 @@ impl Setup {
     }
 }
 
+fn token(text: &str) -> PaymentToken {
+    PaymentToken::parse(text.into()).unwrap()
+}
+
 fn render(reservation: &Reservation) -> String {
     reservation.id.to_string()
 }
@@ -370,7 +374,11 @@ async fn a_payment_begun_before_expiry_wins_over_the_expiry() {
     let reservation = s.reserve(user, 2).await.unwrap();
     let paying = tokio::spawn({
         let engine = Arc::clone(&s.engine);
-        async move { engine.pay(user, reservation.id, "tok_ok", None).await }
+        async move {
+            engine
+                .pay(user, reservation.id, &token("tok_ok"), None)
+                .await
+        }
     });
     s.payments.started.notified().await;
     // The provider takes its time; the reservation falls due meanwhile.
@@ -394,7 +402,11 @@ async fn a_payment_declined_after_the_time_ran_out_releases_the_reservation() {
     *s.payments.result.lock().unwrap() = Err(PaymentError::Declined);
     let paying = tokio::spawn({
         let engine = Arc::clone(&s.engine);
-        async move { engine.pay(user, reservation.id, "tok_declined", None).await }
+        async move {
+            engine
+                .pay(user, reservation.id, &token("tok_declined"), None)
+                .await
+        }
     });
     s.payments.started.notified().await;
     s.clock.advance(TTL + Duration::from_secs(1));
@@ -413,9 +425,10 @@ async fn a_payment_declined_after_the_time_ran_out_releases_the_reservation() {
 async fn a_key_replays_the_first_result_and_refuses_other_params() {
     let s = setup(10);
     let user = UserId::new();
+    let key = IdempotencyKey::parse("k-1".into()).unwrap();
     let call = |quantity: u32| KeyedCall {
         method: "tickets.reserve",
-        key: "k-1",
+        key: &key,
         params_hash: params_hash(&format!("{quantity}")),
         render: &render,
     };

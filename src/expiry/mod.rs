@@ -5,6 +5,7 @@
 //! never release twice.
 
 pub mod redis;
+pub mod sweeper;
 pub mod timer;
 
 use crate::core::{ReservationId, Timestamp};

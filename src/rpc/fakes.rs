@@ -14,7 +14,8 @@ use crate::catalog::{CatalogService, CreateEventError, EventDraft, EventWithPool
 use crate::core::inventory::PoolState;
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{
-    Clock, Email, Event, EventId, Password, ReservationId, TicketTypeId, Timestamp, User, UserId,
+    Clock, Email, Event, EventId, Password, PaymentToken, ReservationId, TicketTypeId, Timestamp,
+    User, UserId,
 };
 use crate::engine::idempotency::{Idempotent, KeyedCall};
 use crate::engine::{EngineError, Paid, ReservationService};
@@ -52,7 +53,7 @@ impl ReservationService for NoReservations {
         &self,
         _: UserId,
         _: ReservationId,
-        _: &str,
+        _: &PaymentToken,
         _: Option<KeyedCall<'_, Paid>>,
     ) -> Result<Idempotent<Paid>, EngineError> {
         Err(EngineError::Unavailable)

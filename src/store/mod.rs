@@ -109,10 +109,6 @@ impl Store {
         Ok(Self { pool, backend })
     }
 
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use crate::core::inventory::MAX_ITEMS;
 use crate::core::reservation::{Reservation, Status};
-use crate::core::{ReservationId, TicketTypeId, MAX_COUNT};
-use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall, MAX_KEY_CHARS};
+use crate::core::{IdempotencyKey, PaymentToken, ReservationId, TicketTypeId, MAX_COUNT};
+use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall};
 use crate::engine::Paid;
 use crate::rpc::dispatch::{Access, Methods};
 use crate::rpc::methods::parse_id;
@@ -39,16 +39,10 @@ struct ItemParam {
     quantity: u32,
 }
 
-fn check_key(key: &Option<String>) -> Result<(), RpcError> {
-    match key {
-        Some(key) if key.is_empty() || key.chars().count() > MAX_KEY_CHARS => {
-            Err(RpcError::invalid_params(
-                "idempotency_key",
-                format!("1 to {MAX_KEY_CHARS} characters"),
-            ))
-        }
-        _ => Ok(()),
-    }
+fn key_param(key: Option<String>) -> Result<Option<IdempotencyKey>, RpcError> {
+    key.map(IdempotencyKey::parse)
+        .transpose()
+        .map_err(|why| RpcError::invalid_params("idempotency_key", why.to_string()))
 }
 
 /// A result replayed from an idempotency key is the stored wire form.
@@ -69,7 +63,7 @@ fn reservation_text(reservation: &Reservation) -> String {
 
 async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
     let user = ctx.session.user_id(ctx.services.clock.now())?;
-    check_key(&params.idempotency_key)?;
+    let idempotency_key = key_param(params.idempotency_key)?;
     // Shape first (INVALID_PARAMS), then which ticket types exist (NOT_FOUND).
     if params.items.is_empty() || params.items.len() > MAX_ITEMS {
         return Err(RpcError::invalid_params(
@@ -100,7 +94,7 @@ async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
         .map(|(id, quantity)| format!("{id}:{quantity};"))
         .collect();
     let render = |r: &Reservation| reservation_text(r);
-    let key = params.idempotency_key.as_deref().map(|key| KeyedCall {
+    let key = idempotency_key.as_ref().map(|key| KeyedCall {
         method: "tickets.reserve",
         key,
         params_hash: params_hash(&canonical),
@@ -196,22 +190,15 @@ impl From<&Paid> for PayResult {
     }
 }
 
-/// The longest payment token accepted.
-const MAX_TOKEN_CHARS: usize = 200;
-
 async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
     let user = ctx.session.user_id(ctx.services.clock.now())?;
-    check_key(&params.idempotency_key)?;
-    if params.payment_token.is_empty() || params.payment_token.chars().count() > MAX_TOKEN_CHARS {
-        return Err(RpcError::invalid_params(
-            "payment_token",
-            format!("1 to {MAX_TOKEN_CHARS} characters"),
-        ));
-    }
+    let idempotency_key = key_param(params.idempotency_key)?;
+    let payment_token = PaymentToken::parse(params.payment_token)
+        .map_err(|why| RpcError::invalid_params("payment_token", why.to_string()))?;
     let id: ReservationId = parse_id(&params.reservation_id)?;
-    let canonical = format!("{id}:{}", params.payment_token);
+    let canonical = format!("{id}:{}", payment_token.as_str());
     let render = |paid: &Paid| serde_json::to_string(&PayResult::from(paid)).expect("serializable");
-    let key = params.idempotency_key.as_deref().map(|key| KeyedCall {
+    let key = idempotency_key.as_ref().map(|key| KeyedCall {
         method: "payments.create",
         key,
         params_hash: params_hash(&canonical),
@@ -220,7 +207,7 @@ async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
     let paid = ctx
         .services
         .reservations
-        .pay(user, id, &params.payment_token, key)
+        .pay(user, id, &payment_token, key)
         .await?;
     to_wire(paid, |p| PayResult::from(p))
 }
