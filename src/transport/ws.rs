@@ -253,9 +253,7 @@ impl Writer {
             };
             match sent {
                 Ok(()) => {}
-                // A peer that does not read cannot take a close frame either: dropped now,
-                // so it ends `--write-timeout` after its writes stalled, not a grace later.
-                Err(SendFailed::Stalled) => return (close::POLICY_VIOLATION, "client too slow"),
+                Err(SendFailed::Stalled) => break (close::POLICY_VIOLATION, "client too slow"),
                 Err(SendFailed::Broken) => return (1006, "connection lost"),
             }
         };
