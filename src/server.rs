@@ -42,6 +42,7 @@ pub fn router(app: Arc<App>) -> Router {
         ));
     Router::new()
         .route("/", get(http::index))
+        .route("/client.js", get(http::client_js))
         .route("/rpc", post(http::rpc))
         .merge(sessions)
         .route("/health", get(http::health))

@@ -1,4 +1,5 @@
-//! `POST /rpc` (one-shot JSON-RPC), `GET /health`, `GET /metrics` and `GET /` (the web client).
+//! `POST /rpc` (one-shot JSON-RPC), `GET /health`, `GET /metrics`, `GET /` (the web client) and
+//! `GET /client.js` (the JavaScript client library the page is built on).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +17,9 @@ use crate::rpc::dispatch::handle_detached;
 use crate::rpc::{Ctx, Session, Transport};
 
 /// The bundled web client.
-const INDEX_HTML: &str = include_str!("../web/index.html");
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+/// The JavaScript client library (an ES module), documented in `protocol/client.md`.
+const CLIENT_JS: &str = include_str!("../../web/client.js");
 
 /// One message in, its response out: 200 with JSON, or 204 when nothing is owed. A body
 /// over the size limit never gets here: the body limit layer answers 413.
@@ -84,4 +87,15 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
 
 pub async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
+}
+
+pub async fn client_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CLIENT_JS,
+    )
+        .into_response()
 }

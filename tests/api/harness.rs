@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::recorder;
+
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret!";
 const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -187,8 +189,10 @@ impl TestApp {
     /// One call over `/rpc`; returns the whole response object.
     pub async fn rpc(&self, method: &str, params: Value, token: Option<&str>) -> Value {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        recorder::frame("/rpc", "rpc", true, &body.to_string());
         let (status, response) = self.post_rpc_raw(body.to_string(), token).await;
         assert_eq!(status, 200, "{response}");
+        recorder::frame("/rpc", "rpc", false, &response.to_string());
         response
     }
 
@@ -265,6 +269,8 @@ pub fn event_params(name: &str, capacity: u32, rule: Value) -> Value {
 /// A JSON-RPC client over a real WebSocket.
 pub struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Names this connection in recordings.
+    conn: String,
     next_id: u64,
     /// Notifications that arrived while waiting for a response.
     pub notifications: Vec<Value>,
@@ -284,15 +290,19 @@ const WS_WAIT: Duration = Duration::from_secs(10);
 impl WsClient {
     pub async fn connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let (socket, _) = tokio_tungstenite::connect_async(url).await?;
+        static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
         Ok(Self {
             socket,
+            conn: format!("ws-{}", CONNECTIONS.fetch_add(1, Ordering::Relaxed)),
             next_id: 1,
             notifications: Vec::new(),
         })
     }
 
     pub async fn send_text(&mut self, text: impl Into<String>) {
-        self.socket.send(Message::text(text.into())).await.unwrap();
+        let text = text.into();
+        recorder::frame("WebSocket", &self.conn, true, &text);
+        self.socket.send(Message::text(text)).await.unwrap();
     }
 
     pub async fn send_binary(&mut self, bytes: Vec<u8>) {
@@ -306,7 +316,10 @@ impl WsClient {
                 .await
                 .expect("no message from the server within 10 s");
             match frame {
-                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Text(text))) => {
+                    recorder::frame("WebSocket", &self.conn, false, &text);
+                    return Ok(serde_json::from_str(&text).unwrap());
+                }
                 Some(Ok(Message::Close(Some(frame)))) => {
                     return Err(Closed::Code(u16::from(frame.code)))
                 }
@@ -785,16 +798,22 @@ impl LongPollClient {
 
     /// `POST /lp/{session}` with a raw body: the status and body, unchecked.
     pub async fn post_raw(&self, body: impl Into<String>) -> (u16, Value) {
+        let body = body.into();
+        recorder::frame("long-poll", &self.session, true, &body);
         let response = self
             .http
             .post(self.url())
             .header("content-type", "application/json")
-            .body(body.into())
+            .body(body)
             .timeout(CLIENT_WAIT)
             .send()
             .await
             .unwrap();
-        status_and_body(response).await
+        let (status, answer) = status_and_body(response).await;
+        if status == 200 {
+            recorder::frame("long-poll", &self.session, false, &answer.to_string());
+        }
+        (status, answer)
     }
 
     /// `GET /lp/{session}?cursor=N`: the status and body, unchecked; the cursor is not moved.
@@ -819,7 +838,10 @@ impl LongPollClient {
         };
         let status = response.status().as_u16();
         match response.text().await {
-            Ok(text) => Some((status, parse_body(text))),
+            Ok(text) => {
+                recorder::frame("long-poll GET", &self.session, false, &text);
+                Some((status, parse_body(text)))
+            }
             Err(error) if error.is_timeout() => None,
             Err(error) => panic!("GET {}: {error}", self.url()),
         }

@@ -2,6 +2,7 @@
 //! against SQLite and against a fresh PostgreSQL database per test.
 
 mod harness;
+mod recorder;
 
 mod abandoned;
 mod auth;
@@ -20,6 +21,7 @@ mod malformed;
 mod openrpc;
 mod payments;
 mod races;
+mod reference;
 mod reservations;
 mod settings;
 mod transports;
