@@ -24,6 +24,7 @@ use crate::expiry::{sweeper, Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
+use crate::rpc::session::AddressLimiter;
 use crate::rpc::{methods, Services};
 use crate::store::writer::{StorageHealth, WriteError, Writer};
 use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
@@ -37,6 +38,8 @@ pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often idempotency keys past their 24 hours are deleted.
 const FORGET_KEYS_EVERY: Duration = Duration::from_secs(3600);
+/// How often the login budgets of quiet addresses are dropped.
+const FORGET_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything a call may need. Shared by every connection behind an `Arc`.
 pub struct App {
@@ -58,6 +61,8 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// What the method table runs with.
     pub services: Arc<Services>,
+    /// Logins and registrations per client address.
+    pub auth_limiter: Arc<AddressLimiter>,
     /// Caps open WebSocket connections.
     pub connection_permits: Arc<Semaphore>,
     /// Cancelled when the server begins to shut down.
@@ -91,13 +96,14 @@ pub enum StartError {
 impl App {
     /// Connects storage, migrates, recovers the inventory and pending reservations, starts
     /// the writer and expiry, and (with `--demo`) seeds the catalog.
-    pub async fn start(settings: Settings) -> Result<Arc<App>, StartError> {
+    pub async fn start(mut settings: Settings) -> Result<Arc<App>, StartError> {
+        let node = settings.resolve_node_id().to_owned();
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
         let writer_store = Store::connect_writer(&settings.database()).await?;
         let secret = jwt_secret(&settings)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::for_node(&node));
         let stop_writer = CancellationToken::new();
         let (writer, writer_task) = Writer::start(
             writer_store.clone(),
@@ -161,6 +167,10 @@ impl App {
             ),
         });
         let app = Arc::new(App {
+            auth_limiter: Arc::new(AddressLimiter::new(
+                settings.auth_rate_limit,
+                settings.auth_rate_burst,
+            )),
             connection_permits: Arc::new(Semaphore::new(settings.max_connections as usize)),
             tokens,
             passwords,
@@ -204,6 +214,8 @@ impl App {
             app.stop_background.clone(),
         ));
         app.background.spawn(forget_old_keys(Arc::clone(&app)));
+        app.background
+            .spawn(forget_idle_addresses(Arc::clone(&app)));
         if app.settings.demo {
             app.seed_demo().await?;
         }
@@ -288,6 +300,18 @@ impl App {
 /// stay below 2^53 (exact in JavaScript numbers) for 2^21 starts.
 fn first_version(epoch: u64) -> u64 {
     epoch.saturating_mul(1 << 32)
+}
+
+/// Drops the login budgets of addresses that are back to full, so the table stays small.
+async fn forget_idle_addresses(app: Arc<App>) {
+    let mut every = tokio::time::interval(FORGET_ADDRESSES_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = app.stop_background.cancelled() => return,
+        }
+        app.auth_limiter.forget_idle();
+    }
 }
 
 async fn forget_old_keys(app: Arc<App>) {

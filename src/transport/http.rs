@@ -1,11 +1,12 @@
 //! `POST /rpc` (one-shot JSON-RPC), `GET /health`, `GET /metrics`, `GET /` (the web client) and
 //! `GET /client.js` (the JavaScript client library the page is built on).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
@@ -25,8 +26,14 @@ const CLIENT_JS: &str = include_str!("../../web/client.js");
 
 /// One message in, its response out: 200 with JSON, or 204 when nothing is owed. A body
 /// over the size limit never gets here: the body limit layer answers 413.
-pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn rpc(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let session = Arc::new(Session::new(Transport::Http, None));
+    session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
     match authenticate(&app, &headers, None).await {
         Bearer::Absent => {}
         Bearer::Valid(principal) => session.bind(principal),
@@ -34,8 +41,9 @@ pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         // Calls needing a user answer UNAVAILABLE; public calls proceed.
         Bearer::Unverifiable => session.refuse_unverifiable(),
     }
-    // Not UTF-8 cannot be JSON: answered as a parse error by the dispatcher.
-    let text = String::from_utf8_lossy(&body).into_owned();
+    let Some(text) = super::utf8_or_parse_error(&body) else {
+        return super::parse_error_response();
+    };
     let ctx = Ctx::new(Arc::clone(&app.services), session);
     match handle_detached(ctx, text, None).await {
         Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
@@ -66,7 +74,12 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
     };
     (
         code,
-        axum::Json(json!({"status": status, "storage": part(storage), "expiry": part(expiry)})),
+        axum::Json(json!({
+            "status": status,
+            "storage": part(storage),
+            "expiry": part(expiry),
+            "node": app.settings.node_id,
+        })),
     )
         .into_response()
 }

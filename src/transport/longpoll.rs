@@ -4,12 +4,13 @@
 //! `seq > N`, acknowledging everything up to `N`; `DELETE /lp/{id}` closes it. A session
 //! expires `session_timeout` after its last request, or when its outbox overflows.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dashmap::DashMap;
@@ -144,7 +145,11 @@ fn gone() -> Response {
 }
 
 /// `POST /lp`: opens a session, bound to the Bearer token's user if one is given.
-pub async fn open(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+pub async fn open(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     let principal = match authenticate(&app, &headers, None).await {
         Bearer::Absent => None,
         Bearer::Valid(principal) => Some(principal),
@@ -165,6 +170,7 @@ pub async fn open(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         Some((app.settings.rate_limit, app.settings.rate_burst)),
         Some(push),
     ));
+    session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
     if let Some(principal) = principal {
         session.bind(principal);
     }
@@ -203,7 +209,9 @@ pub async fn call(State(app): State<Arc<App>>, Path(id): Path<String>, body: Byt
         return gone();
     }
     lp.touch();
-    let text = String::from_utf8_lossy(&body).into_owned();
+    let Some(text) = super::utf8_or_parse_error(&body) else {
+        return super::parse_error_response();
+    };
     let ctx = Ctx::new(Arc::clone(&app.services), Arc::clone(&lp.session));
     let response = handle_detached(ctx, text, Some(Arc::clone(&lp.calls))).await;
     lp.touch();

@@ -82,11 +82,18 @@ fn until(at_ms: i64, slack: Duration) -> Duration {
     Duration::from_millis((at_ms - now_ms()).max(0) as u64) + slack
 }
 
-/// `GET /health`: the status code and the body.
+/// `GET /health`: the status code and the body, less the node's name (checked here).
 async fn health(app: &TestApp) -> (u16, Value) {
     let response = app.http.get(app.url("/health")).send().await.unwrap();
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    let mut body: Value = response.json().await.unwrap();
+    let node = body.as_object_mut().and_then(|b| b.remove("node"));
+    assert_eq!(
+        node.as_ref().and_then(Value::as_str),
+        app.app.settings.node_id.as_deref(),
+        "{body}"
+    );
+    (status, body)
 }
 
 /// Waits until `/health` says everything is up.
