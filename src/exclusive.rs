@@ -61,9 +61,8 @@ pub async fn acquire(database: &DatabaseUrl) -> Result<DatabaseLock, LockError> 
                 .write(true)
                 .open(&path)
                 .map_err(|e| LockError::Failed(format!("{}: {e}", path.display())))?;
-            // `File::try_lock` (Rust 1.89) is an `flock` on Unix; the release builds use a
-            // newer toolchain than the declared minimum.
-            #[allow(clippy::incompatible_msrv)]
+            // `File::try_lock` is an `flock` on Unix: released by the kernel when the process
+            // dies, so a crashed server never leaves the folder locked.
             let locked = file.try_lock();
             match locked {
                 Ok(()) => Ok(DatabaseLock::Sqlite(file)),

@@ -50,7 +50,7 @@ impl Rule {
         }
         let allowed = match self {
             Rule::Any => true,
-            Rule::Multiple { of } => quantity % of.get() == 0,
+            Rule::Multiple { of } => quantity.is_multiple_of(of.get()),
             Rule::Altogether => quantity == available,
             Rule::AvoidOne => available - quantity != 1,
         };

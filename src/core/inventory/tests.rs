@@ -1247,7 +1247,7 @@ impl Model {
             .copied()
             .filter(|id| self.reservations[id].life.holds_tickets())
             .collect();
-        let from = if pick % 2 == 0 && !holding.is_empty() {
+        let from = if pick.is_multiple_of(2) && !holding.is_empty() {
             &holding
         } else {
             &self.issued
