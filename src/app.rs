@@ -27,7 +27,6 @@ use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::{methods, Services};
 use crate::store::writer::{WriteError, Writer};
 use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
-use crate::transport::longpoll::LongPollSessions;
 
 /// The machine-readable contract, served by `rpc.discover`.
 pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
@@ -49,7 +48,6 @@ pub struct App {
     pub engine: Arc<Engine>,
     pub catalog: Arc<Catalog>,
     pub fanout: Arc<FanOut>,
-    pub long_polls: LongPollSessions,
     pub tokens: Tokens,
     pub passwords: Passwords,
     pub metrics: Arc<Metrics>,
@@ -90,11 +88,19 @@ impl App {
     /// Connects storage, migrates, recovers the inventory and pending reservations, starts
     /// the writer and expiry, and (with `--demo`) seeds the catalog.
     pub async fn start(settings: Settings) -> Result<Arc<App>, StartError> {
+        Self::start_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// [`App::start`] on the given clock (tests run on `expiry::timer::TokioClock`, so paused
+    /// tokio time drives reservations' expiry).
+    pub async fn start_with_clock(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<App>, StartError> {
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
         let writer_store = Store::connect_writer(&settings.database()).await?;
         let secret = jwt_secret(&settings)?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let metrics = Arc::new(Metrics::new());
         let stop_writer = CancellationToken::new();
         let (writer, writer_task) = Writer::start(
@@ -171,7 +177,6 @@ impl App {
             inventory,
             engine,
             fanout,
-            long_polls: LongPollSessions::default(),
             metrics,
             clock,
             settings,
@@ -183,10 +188,6 @@ impl App {
             app.engine.clone(),
             due_rx,
             app.background.clone(),
-            app.stop_background.clone(),
-        ));
-        app.background.spawn(LongPollSessions::expire_idle(
-            Arc::clone(&app),
             app.stop_background.clone(),
         ));
         app.background.spawn(sweeper::sweep(

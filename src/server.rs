@@ -6,18 +6,20 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::app::App;
+use crate::transport::longpoll::LongPollSessions;
 use crate::transport::{http, longpoll, ws};
 
 /// How long shutdown waits for open connections to finish their calls and close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Every route of PROTOCOL §2.
+/// Every route of PROTOCOL §2. The long-poll routes share one session table, made here.
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.settings.max_message_bytes as usize;
+    let long_polls = LongPollSessions::start(&app);
     Router::new()
         .route("/", get(http::index))
         .route("/ws", get(ws::upgrade))
@@ -32,6 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(Extension(long_polls))
         .with_state(app)
 }
 
