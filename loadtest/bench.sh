@@ -100,6 +100,7 @@ log "creating the admin account"
 log "starting ticket-api on $URL ($BACKEND_LABEL), log in $DATA_DIR/server.log"
 RUST_LOG=${RUST_LOG:-warn} "$SERVER" serve --listen "127.0.0.1:$PORT" "${COMMON[@]}" \
 	--rate-limit 1000000 --rate-burst 1000000 --max-connections 10000 \
+	--auth-rate-limit 1000000 --auth-rate-burst 1000000 --max-connections-per-address 1000000 \
 	>"$DATA_DIR/server.log" 2>&1 &
 SERVER_PID=$!
 

@@ -85,6 +85,7 @@ start_server() {
 	env -u DATABASE_URL RUST_LOG="${RUST_LOG:-warn}" "$SERVER" serve --listen "127.0.0.1:$port" \
 		"${common[@]}" --max-connections "$MAX_CONNECTIONS" \
 		--rate-limit 1000000 --rate-burst 1000000 \
+		--auth-rate-limit 1000000 --auth-rate-burst 1000000 --max-connections-per-address 1000000 \
 		>"$DATA_DIR/server.log" 2>&1 &
 	SERVER_PID=$!
 	for i in $(seq 1 300); do

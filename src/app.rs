@@ -24,8 +24,9 @@ use crate::expiry::{sweeper, Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
+use crate::rpc::session::AddressLimiter;
 use crate::rpc::{methods, Services};
-use crate::store::writer::{WriteError, Writer};
+use crate::store::writer::{StorageHealth, WriteError, Writer};
 use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
 
 /// The machine-readable contract, served by `rpc.discover`.
@@ -36,6 +37,8 @@ pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often idempotency keys past their 24 hours are deleted.
 const FORGET_KEYS_EVERY: Duration = Duration::from_secs(3600);
+/// How often the login budgets of quiet addresses are dropped.
+const FORGET_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything a call may need. Shared by every connection behind an `Arc`.
 pub struct App {
@@ -46,6 +49,8 @@ pub struct App {
     writer_store: Store,
     pub inventory: Arc<Inventory>,
     pub engine: Arc<Engine>,
+    /// Whether the database is known to be down (the writer probes it until it answers).
+    pub storage_health: Arc<StorageHealth>,
     pub catalog: Arc<Catalog>,
     pub fanout: Arc<FanOut>,
     pub tokens: Tokens,
@@ -54,6 +59,8 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// What the method table runs with.
     pub services: Arc<Services>,
+    /// Logins and registrations per client address.
+    pub auth_limiter: Arc<AddressLimiter>,
     /// Caps open WebSocket connections.
     pub connection_permits: Arc<Semaphore>,
     /// Cancelled when the server begins to shut down.
@@ -94,14 +101,15 @@ impl App {
     /// [`App::start`] on the given clock (tests run on `expiry::timer::TokioClock`, so paused
     /// tokio time drives reservations' expiry).
     pub async fn start_with_clock(
-        settings: Settings,
+        mut settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<App>, StartError> {
+        let node = settings.resolve_node_id().to_owned();
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
         let writer_store = Store::connect_writer(&settings.database()).await?;
         let secret = jwt_secret(&settings)?;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::for_node(&node));
         let stop_writer = CancellationToken::new();
         let (writer, writer_task) = Writer::start(
             writer_store.clone(),
@@ -121,6 +129,7 @@ impl App {
         };
         let expiry =
             crate::expiry::start(&settings, Arc::clone(&clock), deliveries, &background).await?;
+        let storage_health = Arc::clone(writer.health());
         let engine = Arc::new(Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
             store: Arc::new(store.clone()),
@@ -142,12 +151,15 @@ impl App {
         let services = Arc::new(Services {
             reservations: engine.clone(),
             catalog: catalog.clone(),
-            accounts: Arc::new(Accounts::new(
-                store.clone(),
-                tokens.clone(),
-                passwords.clone(),
-                Arc::clone(&clock),
-            )),
+            accounts: Arc::new(
+                Accounts::new(
+                    store.clone(),
+                    tokens.clone(),
+                    passwords.clone(),
+                    Arc::clone(&clock),
+                )
+                .watching(Arc::clone(&storage_health)),
+            ),
             subscriptions: Arc::clone(&fanout),
             clock: Arc::clone(&clock),
             metrics: Arc::clone(&metrics),
@@ -161,6 +173,10 @@ impl App {
             ),
         });
         let app = Arc::new(App {
+            auth_limiter: Arc::new(AddressLimiter::new(
+                settings.auth_rate_limit,
+                settings.auth_rate_burst,
+            )),
             connection_permits: Arc::new(Semaphore::new(settings.max_connections as usize)),
             tokens,
             passwords,
@@ -176,6 +192,7 @@ impl App {
             writer_store,
             inventory,
             engine,
+            storage_health,
             fanout,
             metrics,
             clock,
@@ -198,6 +215,8 @@ impl App {
             app.stop_background.clone(),
         ));
         app.background.spawn(forget_old_keys(Arc::clone(&app)));
+        app.background
+            .spawn(forget_idle_addresses(Arc::clone(&app)));
         if app.settings.demo {
             app.seed_demo().await?;
         }
@@ -207,8 +226,10 @@ impl App {
     /// Availability is `capacity − pending − paid`, and every pending reservation goes back
     /// under expiry with its own `expires_at` (an overdue one is released at once).
     async fn recover(&self) -> Result<(), StoreError> {
+        let epochs = self.store.take_over_events().await?;
         let held = self.store.held_per_ticket_type().await?;
         for event in self.store.load_events().await? {
+            let epoch = epochs.get(&event.id).copied().unwrap_or(0);
             let available: Vec<u32> = event
                 .ticket_types
                 .iter()
@@ -220,7 +241,8 @@ impl App {
                     u64::from(tt.capacity).saturating_sub(taken) as u32
                 })
                 .collect();
-            self.inventory.insert_event(event, &available);
+            self.inventory
+                .insert_event_at(event, &available, first_version(epoch));
         }
         let pending = self.store.pending_reservations().await?;
         let count = pending.len();
@@ -271,6 +293,25 @@ impl App {
     pub async fn close_storage(&self) {
         self.writer_store.close().await;
         self.store.close().await;
+    }
+}
+
+/// The first pool version of an event in its `epoch`: `epoch * 2^32`. A run then has 2^32
+/// changes per ticket type before it would reach the next epoch's versions, and versions
+/// stay below 2^53 (exact in JavaScript numbers) for 2^21 starts.
+fn first_version(epoch: u64) -> u64 {
+    epoch.saturating_mul(1 << 32)
+}
+
+/// Drops the login budgets of addresses that are back to full, so the table stays small.
+async fn forget_idle_addresses(app: Arc<App>) {
+    let mut every = tokio::time::interval(FORGET_ADDRESSES_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = app.stop_background.cancelled() => return,
+        }
+        app.auth_limiter.forget_idle();
     }
 }
 
@@ -339,6 +380,10 @@ impl Commits for Writer {
         idempotency: Option<IdempotencyRecord>,
     ) -> Result<(), WriteError> {
         Writer::commit(self, change, idempotency).await
+    }
+
+    fn is_down(&self) -> bool {
+        self.health().is_down()
     }
 }
 

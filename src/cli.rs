@@ -12,6 +12,45 @@ use crate::store::Store;
 /// A failure of a command, printed as one line.
 pub type CommandError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A setting or situation that stops the program before it starts: one line and exit
+/// code 2, as a bad setting (PROTOCOL §9).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Cluster mode needs PostgreSQL and Redis; this build has no cluster coordination, so
+/// it refuses rather than run several inventories over one database.
+fn check_cluster(settings: &Settings) -> Result<(), Refusal> {
+    if !settings.cluster {
+        return Ok(());
+    }
+    if !settings.database().is_postgres() {
+        return Err(Refusal(
+            "--cluster: needs a postgres:// --database-url (DATABASE_URL)".to_owned(),
+        ));
+    }
+    if settings.redis_url.is_none() {
+        return Err(Refusal(
+            "--cluster: needs --redis-url (REDIS_URL)".to_owned(),
+        ));
+    }
+    Err(Refusal(
+        "--cluster: cluster mode is not available in this build".to_owned(),
+    ))
+}
+
+/// Takes the database for this process: another server on it is a refusal (exit 2).
+async fn take_database(
+    settings: &Settings,
+) -> Result<crate::exclusive::DatabaseLock, CommandError> {
+    use crate::exclusive::{acquire, LockError};
+    match acquire(&settings.database()).await {
+        Ok(lock) => Ok(lock),
+        Err(held @ LockError::Held) => Err(Refusal(held.to_string()).into()),
+        Err(other) => Err(other.into()),
+    }
+}
+
 pub async fn run(command: Command, settings: Settings) -> Result<(), CommandError> {
     match command {
         Command::Serve => serve(settings).await,
@@ -32,11 +71,15 @@ pub async fn run(command: Command, settings: Settings) -> Result<(), CommandErro
 
 /// Starts the server and runs it until SIGINT or SIGTERM.
 pub async fn serve(settings: Settings) -> Result<(), CommandError> {
+    check_cluster(&settings)?;
+    // Held until the server has stopped.
+    let _database = take_database(&settings).await?;
     let listener = crate::server::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let app = App::start(settings).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = ?app.settings.database(), "listening");
+    let node = app.settings.node_id.as_deref().unwrap_or("");
+    tracing::info!(%addr, node, database = ?app.settings.database(), "listening");
     println!("ticket-api listening on {addr}");
     println!("open http://{addr}/ in a browser; JSON-RPC at ws://{addr}/ws and http://{addr}/rpc");
     let shutdown = app.shutdown.clone();
@@ -94,16 +137,36 @@ async fn add_user(
     Ok(())
 }
 
-async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(), CommandError> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let drafts: Vec<EventDraft> =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-    // Validate everything first, so a bad file creates nothing.
-    for (i, draft) in drafts.iter().enumerate() {
-        draft
-            .validate()
-            .map_err(|e| format!("{}: event [{i}]: {e}", file.display()))?;
+/// Reads an `events import` file: a JSON array of `admin.events.create` params, each
+/// checked as the method checks it. Everything is validated first, so a bad file creates
+/// nothing.
+pub fn parse_import(bytes: &[u8]) -> Result<Vec<EventDraft>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let serde_json::Value::Array(entries) = value else {
+        return Err("expected an array of events".to_owned());
+    };
+    let mut drafts = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let serde_json::Value::Object(object) = entry else {
+            return Err(format!("event [{i}]: expected an object"));
+        };
+        crate::rpc::shape::objects_only(&object, "")
+            .map_err(|e| format!("event [{i}]: {}: {}", e.field, e.message))?;
+        let draft: EventDraft = serde_path_to_error::deserialize(serde_json::Value::Object(object))
+            .map_err(|e| format!("event [{i}]: {}: {}", e.path(), e.inner()))?;
+        draft.validate().map_err(|e| format!("event [{i}]: {e}"))?;
+        drafts.push(draft);
     }
+    Ok(drafts)
+}
+
+async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(), CommandError> {
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let drafts = parse_import(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+    // Importing starts the engine (recovery, expiry) over the database: never behind a
+    // running server's back, whose inventory would not see the new events.
+    let _database = take_database(&settings).await?;
     let app = App::start(Settings {
         demo: false,
         ..settings
@@ -114,4 +177,37 @@ async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(),
         println!("created event {} ({})", event.name, event.id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_import_file_refuses_arrays_in_place_of_objects() {
+        let file = br#"[{"name": "x", "starts_at": "2027-01-01T00:00:00Z",
+            "ticket_types": [{"name": "a", "price": [100, "EUR"], "capacity": 1, "rule": {"kind": "any"}}]}]"#;
+        let error = parse_import(file).unwrap_err();
+        assert!(error.contains("ticket_types[0].price"), "{error}");
+        assert!(parse_import(b"[[\"x\"]]").is_err());
+        assert!(parse_import(b"\xff").unwrap_err().contains("UTF-8"));
+        assert_eq!(parse_import(b"[]").unwrap().len(), 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes, and any cut of a valid file, are refused with a message or read as
+        /// valid drafts; never a panic.
+        #[test]
+        fn an_import_file_of_any_bytes_is_answered(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), cut in 0usize..2_000) {
+            let _ = parse_import(&bytes);
+            let demo = include_bytes!("demo_events.json");
+            if let Ok(drafts) = parse_import(&demo[..cut.min(demo.len())]) {
+                for draft in drafts {
+                    proptest::prop_assert!(draft.validate().is_ok());
+                }
+            }
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 /// Realtime ticket-reservation server: JSON-RPC 2.0 over WebSocket, long-poll and HTTP.
 #[derive(Debug, Parser)]
@@ -82,8 +82,16 @@ pub struct Settings {
     pub reservation_ttl: Duration,
 
     /// Seed demo events into an empty database.
-    #[arg(long, env = "TICKET_API_DEMO", global = true)]
+    #[arg(long, env = "TICKET_API_DEMO", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
     pub demo: bool,
+
+    /// Names this server in logs, metrics and `/health`; default: a random id at each start.
+    #[arg(long, env = "TICKET_API_NODE_ID", value_parser = parse_node_id, global = true)]
+    pub node_id: Option<String>,
+
+    /// Several servers share one PostgreSQL database and one Redis (needs both).
+    #[arg(long, env = "TICKET_API_CLUSTER", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
+    pub cluster: bool,
 
     /// Folder of the embedded database and the generated JWT secret.
     #[arg(
@@ -114,6 +122,28 @@ pub struct Settings {
     #[arg(long, env = "TICKET_API_RATE_BURST", default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub rate_burst: u32,
 
+    /// `auth.register` and `auth.login` calls per second allowed from one client address.
+    #[arg(long, env = "TICKET_API_AUTH_RATE_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub auth_rate_limit: u32,
+
+    /// `auth.register` and `auth.login` calls one client address may make in a burst.
+    #[arg(long, env = "TICKET_API_AUTH_RATE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub auth_rate_burst: u32,
+
+    /// Origins (`https://shop.example`) besides the server's own host allowed to use `/ws`
+    /// and `/lp`, comma-separated; `*` allows any. A request without `Origin` is allowed.
+    #[arg(long, env = "TICKET_API_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin, global = true)]
+    pub allowed_origins: Vec<String>,
+
+    /// An HTTP connection that has not sent a request's headers this long after it opened
+    /// or after its last response is closed.
+    #[arg(long, env = "TICKET_API_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, global = true)]
+    pub header_timeout: Duration,
+
+    /// Most connections open at once from one client address; more are answered 503.
+    #[arg(long, env = "TICKET_API_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_connections_per_address: u32,
+
     /// Largest message accepted, in bytes (WebSocket close 1009, HTTP 413 above it).
     #[arg(long, env = "TICKET_API_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1024..), global = true)]
     pub max_message_bytes: u32,
@@ -122,8 +152,8 @@ pub struct Settings {
     #[arg(long, env = "TICKET_API_MAX_BATCH", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_batch: u32,
 
-    /// A WebSocket whose writes stall this long (the client stopped reading) is closed
-    /// with 1008.
+    /// A WebSocket whose writes stall this long (the client stopped reading) is sent close
+    /// 1008; one that still does not read is dropped at most 10 s later.
     #[arg(long, env = "TICKET_API_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, global = true)]
     pub write_timeout: Duration,
 
@@ -211,6 +241,51 @@ fn parse_jwt_secret(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// Logs are coloured only on a terminal, and never when `NO_COLOR` is set to anything
+/// but the empty string (https://no-color.org).
+pub fn colour_wanted(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`, in any case (PROTOCOL §9).
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected one of 1/0, true/false, yes/no, on/off".to_owned()),
+    }
+}
+
+fn parse_node_id(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err("1 to 64 characters: letters, digits, '-', '_' or '.'".to_owned())
+    }
+}
+
+/// `*`, `null`, or `scheme://host[:port]`, kept in lower case without a trailing slash.
+fn parse_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim().trim_end_matches('/').to_ascii_lowercase();
+    let valid = origin == "*"
+        || origin == "null"
+        || origin.split_once("://").is_some_and(|(scheme, host)| {
+            !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+        });
+    if valid {
+        Ok(origin)
+    } else {
+        Err(format!(
+            "{text:?} is not an origin such as https://shop.example"
+        ))
+    }
+}
+
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 3s, 90s, 15m)"))?;
@@ -226,6 +301,12 @@ impl Settings {
         self.database_url
             .clone()
             .unwrap_or_else(|| DatabaseUrl::embedded(&self.data_dir))
+    }
+
+    /// This server's name: the configured one, or a random one at each start.
+    pub fn resolve_node_id(&mut self) -> &str {
+        self.node_id
+            .get_or_insert_with(|| hex::encode(rand::random::<[u8; 6]>()))
     }
 
     /// Settings for tests and embedders: every default, no database or Redis chosen.
@@ -256,6 +337,48 @@ mod tests {
         assert_eq!(cli.settings.reservation_ttl, Duration::from_secs(90));
         assert!(parse(&["--reservation-ttl", "soon"]).is_err());
         assert!(parse(&["--reservation-ttl", "0s"]).is_err());
+    }
+
+    #[test]
+    fn booleans_accept_the_usual_spellings_in_any_case() {
+        for (text, value) in [
+            ("1", true),
+            ("0", false),
+            ("TRUE", true),
+            ("false", false),
+            ("Yes", true),
+            ("no", false),
+            ("ON", true),
+            ("off", false),
+        ] {
+            assert_eq!(parse_bool(text), Ok(value), "{text}");
+            let flag = format!("--demo={text}");
+            assert_eq!(parse(&[&flag]).unwrap().settings.demo, value, "{flag}");
+            let flag = format!("--cluster={text}");
+            assert_eq!(parse(&[&flag]).unwrap().settings.cluster, value, "{flag}");
+        }
+        assert!(parse(&["--demo"]).unwrap().settings.demo);
+        assert!(!parse(&[]).unwrap().settings.demo);
+        assert!(parse(&["--demo=maybe"]).is_err());
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_wanted(true, None));
+        assert!(colour_wanted(true, Some(OsStr::new(""))));
+        assert!(!colour_wanted(true, Some(OsStr::new("1"))));
+        assert!(!colour_wanted(false, None));
+    }
+
+    #[test]
+    fn origins_are_kept_in_lower_case() {
+        let cli = parse(&["--allowed-origins", "https://Shop.Example/,http://a:8080"]).unwrap();
+        assert_eq!(
+            cli.settings.allowed_origins,
+            ["https://shop.example", "http://a:8080"]
+        );
+        assert!(parse(&["--allowed-origins", "shop.example"]).is_err());
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod engine;
+pub mod exclusive;
 pub mod expiry;
 pub mod fanout;
 pub mod metrics;

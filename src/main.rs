@@ -16,6 +16,10 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve);
     match runtime.block_on(ticket_api::cli::run(command, cli.settings)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<ticket_api::cli::Refusal>() => {
+            eprintln!("ticket-api: {error}");
+            ExitCode::from(2)
+        }
         Err(error) => {
             eprintln!("ticket-api: {error}");
             ExitCode::FAILURE
@@ -47,8 +51,14 @@ fn settings_error(error: clap::Error) -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    use std::io::IsTerminal;
+    let colour = ticket_api::config::colour_wanted(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -179,6 +179,17 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// Metrics that name this server (`ticket_api_node_info{node="…"} 1`).
+    pub fn for_node(node: &str) -> Self {
+        let mut metrics = Self::new();
+        metrics.registry.register(
+            "node",
+            "The name of this server (--node-id)",
+            prometheus_client::metrics::info::Info::new(vec![("node".to_owned(), node.to_owned())]),
+        );
+        metrics
+    }
+
     pub fn render(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use super::password::HashError;
 use super::{AuthFailure, Passwords, TokenError, Tokens};
 use crate::core::{Clock, Email, Password, Role, Timestamp, User, UserId};
+use crate::store::writer::{unreachable, StorageHealth};
 use crate::store::{Store, StoreError};
 
 /// Why an account call did not succeed.
@@ -55,6 +56,8 @@ pub trait AccountService: Send + Sync + 'static {
 /// The accounts of this server's database.
 pub struct Accounts {
     store: Store,
+    /// Whether the database is known to be down: tokens are then not checked against it.
+    storage: Arc<StorageHealth>,
     tokens: Tokens,
     passwords: Passwords,
     clock: Arc<dyn Clock>,
@@ -64,10 +67,17 @@ impl Accounts {
     pub fn new(store: Store, tokens: Tokens, passwords: Passwords, clock: Arc<dyn Clock>) -> Self {
         Self {
             store,
+            storage: Arc::default(),
             tokens,
             passwords,
             clock,
         }
+    }
+
+    /// Shares the writer's knowledge of whether the database is down.
+    pub fn watching(mut self, storage: Arc<StorageHealth>) -> Self {
+        self.storage = storage;
+        self
     }
 
     fn sign_in(&self, user: User) -> SignedIn {
@@ -126,10 +136,20 @@ impl AccountService for Accounts {
                 TokenError::Invalid => AuthFailure::Invalid,
             })
         })?;
+        // While the database is known to be down the user cannot be read: answered at once
+        // rather than after a connection timeout (calls needing a user are UNAVAILABLE).
+        if self.storage.is_down() {
+            return Err(StoreError::Database(sqlx::Error::PoolTimedOut).into());
+        }
         let user = self
             .store
             .user_by_id(verified.user_id)
-            .await?
+            .await
+            .inspect_err(|error| {
+                if unreachable(error) {
+                    self.storage.mark_down();
+                }
+            })?
             .ok_or(AccountError::Refused(AuthFailure::Invalid))?;
         Ok((user, verified.expires_at))
     }

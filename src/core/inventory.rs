@@ -279,6 +279,12 @@ impl Inventory {
     /// # Panics
     /// If `available` does not have one entry per ticket type, or one exceeds its capacity.
     pub fn insert_event(&self, event: Event, available: &[u32]) -> bool {
+        self.insert_event_at(event, available, 0)
+    }
+
+    /// [`insert_event`](Self::insert_event) with every version starting at `first_version`,
+    /// so that versions seen before a restart are never seen again after it.
+    pub fn insert_event_at(&self, event: Event, available: &[u32], first_version: u64) -> bool {
         assert_eq!(
             available.len(),
             event.ticket_types.len(),
@@ -307,7 +313,7 @@ impl Inventory {
                     .iter()
                     .map(|&available| Counter {
                         available,
-                        version: 0,
+                        version: first_version,
                     })
                     .collect(),
                 active: HashMap::new(),

@@ -199,6 +199,14 @@ impl Engine {
         &self.expiry
     }
 
+    fn refuse_while_down(&self) -> Result<(), EngineError> {
+        if self.writer.is_down() {
+            Err(EngineError::Unavailable)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Holds tickets for `user`, all items or none; durable when it returns `Ok`.
     /// With a key, a repeat returns the first result (`Idempotent::Replayed`).
     pub async fn reserve(
@@ -207,6 +215,7 @@ impl Engine {
         items: Vec<(TicketTypeId, u32)>,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError> {
+        self.refuse_while_down()?;
         let key = self.keys.begin(user, key, self.clock.now()).await?;
         if let Some(stored) = key.replay()? {
             return Ok(stored);
@@ -262,6 +271,7 @@ impl Engine {
         user: UserId,
         id: ReservationId,
     ) -> Result<Reservation, EngineError> {
+        self.refuse_while_down()?;
         match self
             .inventory
             .begin_release(id, ReleaseKind::Cancel, Some(user), self.clock.now())
@@ -334,6 +344,7 @@ impl Engine {
         payment_token: &PaymentToken,
         key: Option<KeyedCall<'_, Paid>>,
     ) -> Result<Idempotent<Paid>, EngineError> {
+        self.refuse_while_down()?;
         let key = self.keys.begin(user, key, self.clock.now()).await?;
         if let Some(stored) = key.replay()? {
             return Ok(stored);

@@ -18,6 +18,12 @@ pub trait Commits: Send + Sync + 'static {
         change: Change,
         idempotency: Option<IdempotencyRecord>,
     ) -> Result<(), WriteError>;
+
+    /// Whether the database is known to be down: changes are then refused before anything
+    /// is read or taken.
+    fn is_down(&self) -> bool {
+        false
+    }
 }
 
 /// What the engine reads back from storage.

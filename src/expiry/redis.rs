@@ -6,9 +6,12 @@
 //! reservations, and `/health` reports expiry down.
 //! - The command connection writes the keys. [`Expiry::schedule`] and [`Expiry::cancel`]
 //!   run on the reserve path, so they only push onto a bounded queue; one task drains it in
-//!   order and sends what has queued as one pipeline. A full queue drops the command with a
-//!   warning: a missed `SET` is covered by the sweeper, a missed `DEL` only costs a no-op
-//!   expiry.
+//!   order and sends what has queued as one pipeline. While Redis is down the task keeps
+//!   draining the queue, and when Redis is back (or after any pipeline without an answer)
+//!   it first writes the key of every reservation still scheduled again: a Redis that comes
+//!   back empty gets its keys back. Only a queue that fills while Redis is up but slow drops
+//!   commands, with a warning: a missed `SET` is covered by the sweeper, a missed `DEL` only
+//!   costs a no-op expiry.
 //! - The subscriber connection listens for expired keys. After every (re)connection it
 //!   makes sure the server publishes them (`notify-keyspace-events` with at least `Ex`,
 //!   keeping the flags already set), subscribes again, and asks for a sweep: notifications
@@ -204,30 +207,88 @@ impl RedisExpiry {
     }
 
     /// Drains the queue in order, a pipeline at a time, while the command connection is up.
+    ///
+    /// Whenever commands may not have reached Redis (it was down, it reconnected, or a
+    /// pipeline got no answer), every scheduled key is written again from the schedule
+    /// before anything else: a Redis that comes back empty gets its keys back. While Redis
+    /// is down the queue is drained rather than left to fill: `SET`s and `DEL`s are dropped
+    /// (the re-arm rewrites every key still scheduled; a missed `DEL` only costs a no-op
+    /// expiry), and the reservations whose pokes came due meanwhile are re-armed as due now.
     async fn write_keys(&self, mut queue: mpsc::Receiver<KeyCommand>, stop: &CancellationToken) {
+        let mut reconnects = self.commands.reconnect_rx();
         let mut batch = Vec::with_capacity(PIPELINE_MAX);
+        let mut rearm = false;
+        let mut due_meanwhile = Vec::new();
         loop {
             tokio::select! {
                 received = queue.recv_many(&mut batch, PIPELINE_MAX) => if received == 0 { return },
                 () = stop.cancelled() => return,
             }
-            // Waiting here (not in fred's unbounded buffer) keeps memory bounded while
-            // Redis is down: our queue fills up and drops instead.
-            while !self.commands.is_connected() {
+            if !self.commands.is_connected() {
+                rearm = true;
+                keep_pokes(&mut batch, &mut due_meanwhile);
+                while !self.commands.is_connected() {
+                    tokio::select! {
+                        () = tokio::time::sleep(RECONNECT_POLL) => {}
+                        received = queue.recv_many(&mut batch, PIPELINE_MAX) => {
+                            if received == 0 { return }
+                            keep_pokes(&mut batch, &mut due_meanwhile);
+                        }
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }
+            while reconnects.try_recv().is_ok() {
+                rearm = true;
+            }
+            if rearm {
                 tokio::select! {
-                    () = tokio::time::sleep(RECONNECT_POLL) => {}
+                    done = self.rearm(&mut due_meanwhile) => rearm = !done,
                     () = stop.cancelled() => return,
                 }
             }
             tokio::select! {
-                () = self.send(&batch) => {}
+                answered = self.send(&batch) => if !answered { rearm = true },
                 () = stop.cancelled() => return,
             }
             batch.clear();
         }
     }
 
-    async fn send(&self, batch: &[KeyCommand]) {
+    /// Writes the key of every scheduled reservation again (and of those that fell due
+    /// while Redis was away, as due now, poked again after). `false` if Redis failed
+    /// meanwhile: tried again before the next commands.
+    async fn rearm(&self, due_meanwhile: &mut Vec<ReservationId>) -> bool {
+        let now = self.clock.now();
+        let mut commands: Vec<KeyCommand> = self
+            .pokes
+            .scheduled()
+            .into_iter()
+            .map(|(id, at)| KeyCommand::Set { id, at })
+            .collect();
+        commands.extend(
+            due_meanwhile
+                .iter()
+                .map(|&id| KeyCommand::Set { id, at: now }),
+        );
+        tracing::info!(
+            keys = commands.len(),
+            "re-arming the Redis key of every pending reservation"
+        );
+        for chunk in commands.chunks(PIPELINE_MAX) {
+            if !self.send(chunk).await {
+                return false;
+            }
+        }
+        // Poked through the queue, so after the SETs just sent.
+        for id in due_meanwhile.drain(..) {
+            self.pokes.schedule(id, now);
+        }
+        true
+    }
+
+    /// Sends one pipeline; `false` when Redis did not answer it (or refused commands).
+    async fn send(&self, batch: &[KeyCommand]) -> bool {
         let pipeline = self.commands.pipeline();
         let now = self.clock.now();
         // What went into the pipeline, in order, to read the answers against.
@@ -276,13 +337,18 @@ impl RedisExpiry {
                     }
                 }
                 if let Some(error) = first_error {
-                    tracing::warn!(failed, %error, "Redis refused expiry key commands; the sweeper covers them");
+                    tracing::warn!(failed, %error, "Redis refused expiry key commands; re-arming");
+                    return false;
                 }
+                true
             }
-            Err(_) => tracing::warn!(
-                commands = batch.len(),
-                "Redis did not answer expiry key commands in time; the sweeper covers them"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    commands = batch.len(),
+                    "Redis did not answer expiry key commands in time; re-arming"
+                );
+                false
+            }
         }
     }
 
@@ -456,6 +522,16 @@ impl Expiry for RedisExpiry {
         self.commands.is_connected()
             && self.subscriber.is_connected()
             && self.subscribed.load(Ordering::SeqCst)
+    }
+}
+
+/// Empties `batch` while Redis is down, keeping only the reservations whose pokes came due
+/// (see [`RedisExpiry::write_keys`]).
+fn keep_pokes(batch: &mut Vec<KeyCommand>, due: &mut Vec<ReservationId>) {
+    for command in batch.drain(..) {
+        if let KeyCommand::Poke(id) = command {
+            due.push(id);
+        }
     }
 }
 

@@ -120,6 +120,12 @@ impl TimerExpiry {
         }
     }
 
+    /// Every scheduled reservation and when it falls due (for re-arming Redis keys).
+    pub fn scheduled(&self) -> Vec<(ReservationId, Timestamp)> {
+        let schedule = self.schedule_lock();
+        schedule.by_id.iter().map(|(&id, &at)| (id, at)).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.schedule_lock().by_id.len()
     }

@@ -89,6 +89,8 @@ impl Methods {
 
 /// Deserializes params, naming the offending field (`items[0].quantity`) on failure.
 fn parse_params<P: DeserializeOwned>(params: Map<String, Value>) -> Result<P, RpcError> {
+    super::shape::objects_only(&params, "")
+        .map_err(|e| RpcError::invalid_params(e.field, e.message))?;
     serde_path_to_error::deserialize(Value::Object(params)).map_err(|err| {
         let path = err.path().to_string();
         let message = err.inner().to_string();

@@ -15,7 +15,7 @@ pub enum RpcError {
     MethodNotFound,
     #[error("invalid params: {field}: {message}")]
     InvalidParams { field: String, message: String },
-    #[error("not authenticated ({0:?})")]
+    #[error("not authenticated ({})", .0.as_str())]
     Unauthenticated(AuthFailure),
     #[error("invalid email or password")]
     InvalidCredentials,
@@ -228,6 +228,27 @@ impl From<AccountError> for RpcError {
             AccountError::Refused(why) => RpcError::Unauthenticated(why),
             AccountError::Store(e) => e.into(),
             AccountError::Hash(e) => RpcError::internal(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod plain_words {
+    use super::*;
+
+    #[test]
+    fn messages_are_plain_words_without_debug_formatting() {
+        for why in [
+            AuthFailure::Missing,
+            AuthFailure::Invalid,
+            AuthFailure::Expired,
+        ] {
+            let message = RpcError::Unauthenticated(why).to_error_object().message;
+            assert_eq!(message, format!("not authenticated ({})", why.as_str()));
+            assert!(
+                !message.chars().any(|c| c.is_ascii_uppercase()),
+                "{message}"
+            );
         }
     }
 }

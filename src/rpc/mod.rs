@@ -9,6 +9,7 @@ pub mod error;
 pub(crate) mod fakes;
 pub mod methods;
 pub mod session;
+pub mod shape;
 pub mod wire;
 
 pub use context::{Ctx, Services};

@@ -3,12 +3,13 @@
 //! behaves the same whatever the transport.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use governor::clock::{Clock as _, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::error::{AuthFailure, RpcError};
 use crate::core::inventory::PoolState;
@@ -115,6 +116,48 @@ impl Push {
     }
 }
 
+/// The budget of `auth.register` and `auth.login` calls of each client address, shared by
+/// every connection and session: each of them costs a password hash (memory and CPU), so
+/// one address must not be able to run them without bound.
+pub struct AddressLimiter {
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl AddressLimiter {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let per_second = NonZeroU32::new(per_second.max(1)).expect("at least 1");
+        let burst = NonZeroU32::new(burst.max(1)).expect("at least 1");
+        Self {
+            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+        }
+    }
+
+    /// Spends one call of the address, or says how long to wait. IPv6 addresses count per
+    /// /64, the block one client is usually given.
+    pub fn check(&self, address: IpAddr) -> Result<(), RpcError> {
+        let key = match address {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+            },
+            v4 => v4,
+        };
+        self.limiter.check_key(&key).map_err(rate_limited)
+    }
+
+    /// Drops the budgets of addresses that are back to full, so the table stays small.
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+    }
+}
+
+fn rate_limited(not_until: governor::NotUntil<governor::clock::QuantaInstant>) -> RpcError {
+    let wait = not_until.wait_time_from(DefaultClock::default().now());
+    RpcError::RateLimited {
+        retry_after_ms: wait.as_millis().max(1) as u64,
+    }
+}
+
 /// One client's context.
 pub struct Session {
     /// Unique in this process, for logs.
@@ -125,6 +168,9 @@ pub struct Session {
     limiter: Option<DefaultDirectRateLimiter>,
     /// `None` on `/rpc`, which cannot push.
     pub push: Option<Push>,
+    /// The client's address and the budget its logins are counted against; unset, they
+    /// are not limited.
+    address: OnceLock<(Arc<AddressLimiter>, IpAddr)>,
 }
 
 impl Drop for Session {
@@ -159,6 +205,20 @@ impl Session {
             identity: Mutex::new(Identity::Anonymous),
             limiter,
             push,
+            address: OnceLock::new(),
+        }
+    }
+
+    /// Counts this session's logins and registrations against its client address.
+    pub fn set_address(&self, limiter: Arc<AddressLimiter>, address: IpAddr) {
+        let _ = self.address.set((limiter, address));
+    }
+
+    /// Spends one login or registration of the client's address, or says how long to wait.
+    pub fn take_auth_call(&self) -> Result<(), RpcError> {
+        match self.address.get() {
+            Some((limiter, address)) => limiter.check(*address),
+            None => Ok(()),
         }
     }
 
@@ -229,11 +289,30 @@ impl Session {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        limiter.check().map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            RpcError::RateLimited {
-                retry_after_ms: wait.as_millis().max(1) as u64,
-            }
-        })
+        limiter.check().map_err(rate_limited)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logins_are_limited_per_address_with_a_retry_hint() {
+        let limiter = Arc::new(AddressLimiter::new(1, 2));
+        let session = Session::new(Transport::Http, None);
+        assert!(session.take_auth_call().is_ok(), "no address: no limit");
+        session.set_address(Arc::clone(&limiter), "10.0.0.1".parse().unwrap());
+        assert!(session.take_auth_call().is_ok());
+        assert!(session.take_auth_call().is_ok());
+        match session.take_auth_call() {
+            Err(RpcError::RateLimited { retry_after_ms }) => assert!(retry_after_ms >= 1),
+            other => panic!("expected RATE_LIMITED, got {other:?}"),
+        }
+        // Another address has its own budget; one /64 shares one.
+        assert!(limiter.check("10.0.0.2".parse().unwrap()).is_ok());
+        assert!(limiter.check("2001:db8::1".parse().unwrap()).is_ok());
+        assert!(limiter.check("2001:db8::2".parse().unwrap()).is_ok());
+        assert!(limiter.check("2001:db8::3".parse().unwrap()).is_err());
     }
 }

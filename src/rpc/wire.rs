@@ -57,6 +57,8 @@ pub fn parse_call(value: Value) -> Result<Call, Malformed> {
     let params = match object.remove("params") {
         None => Map::new(),
         Some(Value::Object(params)) => params,
+        // Widely used clients send `[]` for a call without params (PROTOCOL §1).
+        Some(Value::Array(entries)) if entries.is_empty() => Map::new(),
         Some(Value::Array(_)) => {
             return Err(Malformed {
                 id: echo,
@@ -180,6 +182,13 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn empty_array_params_are_no_params() {
+        let call =
+            parse_call(json!({"jsonrpc": "2.0", "id": 3, "method": "m", "params": []})).unwrap();
+        assert!(call.params.is_empty());
     }
 
     #[test]

@@ -45,6 +45,22 @@ impl Store {
         Ok(())
     }
 
+    /// Bumps the epoch of every event (this server takes them all over) and returns the
+    /// new epochs, from which pool versions start (see `protocol/README.md`).
+    pub async fn take_over_events(&self) -> Result<HashMap<EventId, u64>, StoreError> {
+        let rows = sqlx::query("UPDATE events SET epoch = epoch + 1 RETURNING id, epoch")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let epoch: i64 = row.try_get("epoch")?;
+                let epoch = u64::try_from(epoch)
+                    .map_err(|_| StoreError::corrupt("events", format!("epoch {epoch}")))?;
+                Ok((id_column(row, "events", "id")?, epoch))
+            })
+            .collect()
+    }
+
     pub async fn event_count(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM events")
             .fetch_one(self.pool())

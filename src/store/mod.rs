@@ -40,6 +40,10 @@ pub enum StoreError {
     Corrupt { table: &'static str, detail: String },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The connection failed during COMMIT: the batch may or may not be in the database.
+    /// [`Store::batch_committed`] with this batch id tells, once the database answers.
+    #[error("outcome of batch {batch} unknown: {cause}")]
+    OutcomeUnknown { batch: String, cause: sqlx::Error },
 }
 
 impl StoreError {
@@ -80,8 +84,14 @@ impl Store {
             }
         };
         let options: AnyConnectOptions = url.as_str().parse()?;
+        // The writer's one connection is only ever waited for when it must be made again:
+        // a short timeout lets it tell a database that is down (it probes again anyway).
+        let acquire_timeout = match size {
+            Some(_) => writer::PROBE_TIMEOUT,
+            None => Duration::from_secs(5),
+        };
         let pool_options = AnyPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(acquire_timeout)
             .max_connections(size.unwrap_or(match backend {
                 Backend::Postgres => 16,
                 Backend::Sqlite => 8,

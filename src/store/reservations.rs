@@ -83,7 +83,9 @@ fn list_placeholders(first: usize, count: usize) -> String {
 }
 
 impl Store {
-    /// Commits a batch of changes and their idempotency records in one transaction.
+    /// Commits a batch of changes and their idempotency records in one transaction, with a
+    /// marker naming the batch. A failure before COMMIT means nothing was committed; a
+    /// failure of COMMIT itself is [`StoreError::OutcomeUnknown`].
     pub async fn commit_batch(
         &self,
         changes: &[(&Change, Option<&IdempotencyRecord>)],
@@ -102,15 +104,43 @@ impl Store {
             }
         }
         let keys: Vec<&IdempotencyRecord> = changes.iter().filter_map(|(_, key)| *key).collect();
+        let batch = uuid::Uuid::now_v7().to_string();
         let mut tx = self.pool().begin().await?;
+        sqlx::query("INSERT INTO commit_markers (batch_id, created_at) VALUES ($1, $2)")
+            .bind(batch.clone())
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await?;
         insert_reservations(&mut tx, &reserves).await?;
         for (status, released) in &releases {
             set_status(&mut tx, status, released).await?;
         }
         insert_payments(&mut tx, &payments).await?;
         insert_idempotency(&mut tx, &keys).await?;
-        tx.commit().await?;
-        Ok(())
+        // Even an error answer can come from a server that committed and then died, so
+        // every failure here is settled by looking the marker up.
+        tx.commit()
+            .await
+            .map_err(|cause| StoreError::OutcomeUnknown { batch, cause })
+    }
+
+    /// Whether the batch of that id committed (its marker is there).
+    pub async fn batch_committed(&self, batch: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 AS found FROM commit_markers WHERE batch_id = $1")
+            .bind(batch.to_owned())
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Deletes the markers of batches committed before `age` ago; returns how many.
+    pub async fn forget_commit_markers(&self, age: std::time::Duration) -> Result<u64, StoreError> {
+        let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        let done = sqlx::query("DELETE FROM commit_markers WHERE created_at < $1")
+            .bind(now_millis().saturating_sub(age))
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Tickets held per ticket type by pending and paid reservations, for recovery.
@@ -261,6 +291,13 @@ impl Store {
         }
         Ok(reservations)
     }
+}
+
+/// The wall clock in milliseconds, for the age of commit markers.
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 const SELECT_RESERVATIONS: &str =

@@ -2,11 +2,21 @@
 //! has gathered in one transaction (group commit). Each caller is answered after the
 //! transaction holding its change commits, so an acknowledged change is durable; a full
 //! queue is refused at once rather than queued without bound.
+//!
+//! Failures are of three kinds. A row the database refuses fails that change alone. A
+//! database that cannot be reached fails the batch, marks storage down, and from then on
+//! every new change is refused at once (no waiting for a connection) while the writer
+//! probes the database every [`PROBE_EVERY`]. A connection lost during COMMIT leaves the
+//! batch's outcome unknown: its callers are held, neither answered nor undone, until a
+//! probe gets through and the batch's commit marker tells whether it committed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::reservations::{Change, IdempotencyRecord};
@@ -18,6 +28,15 @@ use crate::metrics::Metrics;
 pub const QUEUE_CAPACITY: usize = 10_000;
 /// Most changes in one transaction.
 pub const MAX_BATCH: usize = 2_000;
+/// How often the writer tries the database while storage is down.
+pub const PROBE_EVERY: Duration = Duration::from_millis(100);
+/// How long one probe (a connection and a round trip) may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Commit markers are only read while settling, minutes at most after their batch.
+const MARKER_AGE: Duration = Duration::from_secs(600);
+const FORGET_MARKERS_EVERY: Duration = Duration::from_secs(60);
+/// How long a stopping writer keeps trying to settle batches of unknown outcome.
+const SETTLE_AT_EXIT: Duration = Duration::from_secs(10);
 
 /// Why a change was not committed. Nothing of it is in the database.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,8 +45,40 @@ pub enum WriteError {
     QueueFull,
     #[error("the writer has stopped")]
     Stopped,
+    #[error("the database is unreachable")]
+    Down,
     #[error("commit failed: {0}")]
     Failed(String),
+}
+
+/// Whether the database is known to be unreachable: set when a commit (or a health
+/// check) cannot reach it, cleared by the writer when a probe gets an answer and every
+/// batch of unknown outcome is settled.
+#[derive(Debug, Default)]
+pub struct StorageHealth {
+    down: AtomicBool,
+    /// Wakes an idle writer to start probing when someone else found the database down.
+    went_down: tokio::sync::Notify,
+}
+
+impl StorageHealth {
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// The database did not answer; the writer probes until it does.
+    pub fn mark_down(&self) {
+        if !self.down.swap(true, Ordering::SeqCst) {
+            tracing::error!("database unreachable: changes are refused until it answers again");
+            self.went_down.notify_one();
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.down.swap(false, Ordering::SeqCst) {
+            tracing::info!("database reachable again");
+        }
+    }
 }
 
 struct Job {
@@ -39,6 +90,13 @@ struct Job {
 /// The handle callers submit changes through.
 pub struct Writer {
     queue: mpsc::Sender<Job>,
+    health: Arc<StorageHealth>,
+}
+
+/// A batch whose COMMIT lost its connection, with its callers waiting.
+struct Unsettled {
+    batch: String,
+    jobs: Vec<Job>,
 }
 
 impl Writer {
@@ -50,8 +108,14 @@ impl Writer {
         stop: CancellationToken,
     ) -> (Writer, JoinHandle<()>) {
         let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
-        let task = tokio::spawn(run(store, metrics, jobs, stop));
-        (Writer { queue }, task)
+        let health = Arc::new(StorageHealth::default());
+        let task = tokio::spawn(run(store, metrics, jobs, stop, Arc::clone(&health)));
+        (Writer { queue, health }, task)
+    }
+
+    /// Whether the database is known to be down (for `/health`, and to refuse early).
+    pub fn health(&self) -> &Arc<StorageHealth> {
+        &self.health
     }
 
     /// Queues a change (with the idempotency record it produces, committed atomically with
@@ -61,6 +125,9 @@ impl Writer {
         change: Change,
         idempotency: Option<IdempotencyRecord>,
     ) -> Result<(), WriteError> {
+        if self.health.is_down() {
+            return Err(WriteError::Down);
+        }
         let (done, committed) = oneshot::channel();
         let job = Job {
             change,
@@ -80,9 +147,13 @@ async fn run(
     metrics: Arc<Metrics>,
     mut jobs: mpsc::Receiver<Job>,
     stop: CancellationToken,
+    health: Arc<StorageHealth>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stopping = false;
+    let mut unsettled = Vec::new();
+    let mut next_probe = Instant::now();
+    let mut forget_markers_at = Instant::now() + FORGET_MARKERS_EVERY;
     loop {
         // `recv_many` takes what has gathered while the last commit ran, up to MAX_BATCH:
         // batches grow with the load, and an idle server commits each change at once.
@@ -95,18 +166,93 @@ async fn run(
                 stopping = true;
                 continue;
             }
+            () = health.went_down.notified() => continue,
+            () = tokio::time::sleep_until(next_probe), if health.is_down() => {
+                probe(&store, &health, &mut unsettled).await;
+                next_probe = Instant::now() + PROBE_EVERY;
+                continue;
+            }
         };
         if received == 0 {
             break;
         }
+        if health.is_down() && Instant::now() >= next_probe {
+            probe(&store, &health, &mut unsettled).await;
+            next_probe = Instant::now() + PROBE_EVERY;
+        }
+        if health.is_down() {
+            // Queued just before the outage was known: refused now, not held for its length.
+            for job in batch.drain(..) {
+                let _ = job.done.send(Err(WriteError::Down));
+            }
+            continue;
+        }
         metrics.record_batch(batch.len());
-        commit(&store, std::mem::take(&mut batch)).await;
+        commit(&store, &health, std::mem::take(&mut batch), &mut unsettled).await;
+        if Instant::now() >= forget_markers_at && !health.is_down() {
+            forget_markers_at = Instant::now() + FORGET_MARKERS_EVERY;
+            match store.forget_commit_markers(MARKER_AGE).await {
+                Ok(n) => tracing::debug!(deleted = n, "forgot old commit markers"),
+                Err(error) => tracing::warn!(%error, "could not delete old commit markers"),
+            }
+        }
+    }
+    let deadline = Instant::now() + SETTLE_AT_EXIT;
+    while !unsettled.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(PROBE_EVERY).await;
+        probe(&store, &health, &mut unsettled).await;
+    }
+    for batch in &unsettled {
+        tracing::error!(
+            batch = %batch.batch,
+            size = batch.jobs.len(),
+            "stopping with a batch of unknown outcome: its callers get no answer; the next start recovers from the database"
+        );
+    }
+    // Their callers must not be told the batch failed: it may have committed.
+    for batch in unsettled {
+        std::mem::forget(batch.jobs);
     }
     store.close().await;
     tracing::info!("writer stopped: every queued change is committed");
 }
 
-async fn commit(store: &Store, batch: Vec<Job>) {
+/// Tries the database; once it answers, settles every batch of unknown outcome by its
+/// marker (answering its callers) and marks storage up.
+async fn probe(store: &Store, health: &StorageHealth, unsettled: &mut Vec<Unsettled>) {
+    if !matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    while let Some(next) = unsettled.last() {
+        let committed =
+            match tokio::time::timeout(PROBE_TIMEOUT, store.batch_committed(&next.batch)).await {
+                Ok(Ok(committed)) => committed,
+                _ => return,
+            };
+        let Unsettled { batch, jobs } = unsettled.pop().expect("looked at just above");
+        tracing::warn!(%batch, size = jobs.len(), committed, "settled a batch of unknown outcome");
+        for job in jobs {
+            let _ = job.done.send(if committed {
+                Ok(())
+            } else {
+                Err(WriteError::Failed(
+                    "the connection was lost before COMMIT completed".into(),
+                ))
+            });
+        }
+    }
+    health.mark_up();
+}
+
+async fn commit(
+    store: &Store,
+    health: &StorageHealth,
+    batch: Vec<Job>,
+    unsettled: &mut Vec<Unsettled>,
+) {
     let changes: Vec<_> = batch
         .iter()
         .map(|j| (&j.change, j.idempotency.as_ref()))
@@ -117,6 +263,10 @@ async fn commit(store: &Store, batch: Vec<Job>) {
             for job in batch {
                 let _ = job.done.send(Ok(()));
             }
+        }
+        Err(StoreError::OutcomeUnknown { batch: id, cause }) => {
+            drop(changes);
+            hold(health, unsettled, id, &cause, batch);
         }
         // One bad change must not fail the others: when a row broke a rule (a constraint, or
         // a status that was not pending), commit each change alone. A database that is
@@ -129,22 +279,60 @@ async fn commit(store: &Store, batch: Vec<Job>) {
                 "batch refused; committing its changes one by one"
             );
             for job in batch {
-                let result = store
+                if health.is_down() {
+                    let _ = job.done.send(Err(WriteError::Down));
+                    continue;
+                }
+                match store
                     .commit_batch(&[(&job.change, job.idempotency.as_ref())])
                     .await
-                    .map_err(|e| failed(&job.change, e));
-                let _ = job.done.send(result);
+                {
+                    Ok(()) => {
+                        let _ = job.done.send(Ok(()));
+                    }
+                    Err(StoreError::OutcomeUnknown { batch: id, cause }) => {
+                        hold(health, unsettled, id, &cause, vec![job]);
+                    }
+                    Err(error) => {
+                        if !refused_a_row(&error) {
+                            health.mark_down();
+                        }
+                        let result = Err(failed(&job.change, error));
+                        let _ = job.done.send(result);
+                    }
+                }
             }
         }
         Err(error) => {
             drop(changes);
             let message = error.to_string();
             tracing::error!(size = batch.len(), error = %message, "commit failed");
+            if !refused_a_row(&error) {
+                health.mark_down();
+            }
             for job in batch {
                 let _ = job.done.send(Err(WriteError::Failed(message.clone())));
             }
         }
     }
+}
+
+/// Keeps the callers of a batch of unknown outcome waiting until a probe settles it.
+fn hold(
+    health: &StorageHealth,
+    unsettled: &mut Vec<Unsettled>,
+    batch: String,
+    cause: &sqlx::Error,
+    jobs: Vec<Job>,
+) {
+    tracing::warn!(%batch, size = jobs.len(), %cause, "COMMIT lost its connection: answers held until the database says whether it committed");
+    health.mark_down();
+    unsettled.push(Unsettled { batch, jobs });
+}
+
+/// Whether an error means the database could not be reached (rather than that it refused).
+pub fn unreachable(error: &StoreError) -> bool {
+    !refused_a_row(error)
 }
 
 /// Whether the database refused a row, as opposed to not being able to commit at all.
@@ -154,7 +342,7 @@ fn refused_a_row(error: &StoreError) -> bool {
         StoreError::Database(sqlx::Error::Database(db)) => {
             !matches!(db.kind(), sqlx::error::ErrorKind::Other)
         }
-        StoreError::Database(_) => false,
+        StoreError::Database(_) | StoreError::OutcomeUnknown { .. } => false,
     }
 }
 

@@ -1,10 +1,12 @@
-//! `POST /rpc` (one-shot JSON-RPC), `GET /health`, `GET /metrics` and `GET /` (the web client).
+//! `POST /rpc` (one-shot JSON-RPC), `GET /health`, `GET /metrics`, `GET /` (the web client) and
+//! `GET /client.js` (the JavaScript client library the page is built on).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
@@ -14,13 +16,24 @@ use crate::app::App;
 use crate::rpc::dispatch::handle_detached;
 use crate::rpc::{Ctx, Session, Transport};
 
+/// How long `/health` waits for the database before it counts as down.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The bundled web client.
-const INDEX_HTML: &str = include_str!("../web/index.html");
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+/// The JavaScript client library (an ES module), documented in `protocol/client.md`.
+const CLIENT_JS: &str = include_str!("../../web/client.js");
 
 /// One message in, its response out: 200 with JSON, or 204 when nothing is owed. A body
 /// over the size limit never gets here: the body limit layer answers 413.
-pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn rpc(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let session = Arc::new(Session::new(Transport::Http, None));
+    session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
     match authenticate(&app, &headers, None).await {
         Bearer::Absent => {}
         Bearer::Valid(principal) => session.bind(principal),
@@ -28,8 +41,9 @@ pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         // Calls needing a user answer UNAVAILABLE; public calls proceed.
         Bearer::Unverifiable => session.refuse_unverifiable(),
     }
-    // Not UTF-8 cannot be JSON: answered as a parse error by the dispatcher.
-    let text = String::from_utf8_lossy(&body).into_owned();
+    let Some(text) = super::utf8_or_parse_error(&body) else {
+        return super::parse_error_response();
+    };
     let ctx = Ctx::new(Arc::clone(&app.services), session);
     match handle_detached(ctx, text, None).await {
         Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
@@ -37,12 +51,19 @@ pub async fn rpc(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     }
 }
 
-/// 200 when storage answers, 503 naming the failing part otherwise.
+/// 200 when storage answers, 503 naming the failing part otherwise. A database known to be
+/// down is reported at once, without waiting for a connection.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
-    let storage = matches!(
-        tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
-        Ok(Ok(()))
-    );
+    let storage_health = &app.storage_health;
+    let storage = !storage_health.is_down()
+        && matches!(
+            tokio::time::timeout(PING_TIMEOUT, app.store.ping()).await,
+            Ok(Ok(()))
+        );
+    if !storage {
+        // The writer probes from now on, and clears it when the database answers.
+        storage_health.mark_down();
+    }
     let expiry = app.engine.expiry().healthy();
     let status = if storage && expiry { "ok" } else { "degraded" };
     let part = |ok: bool| if ok { "ok" } else { "down" };
@@ -53,7 +74,12 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
     };
     (
         code,
-        axum::Json(json!({"status": status, "storage": part(storage), "expiry": part(expiry)})),
+        axum::Json(json!({
+            "status": status,
+            "storage": part(storage),
+            "expiry": part(expiry),
+            "node": app.settings.node_id,
+        })),
     )
         .into_response()
 }
@@ -71,4 +97,15 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
 
 pub async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
+}
+
+pub async fn client_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CLIENT_JS,
+    )
+        .into_response()
 }

@@ -6,12 +6,13 @@
 //! session table belongs here: the router holds it ([`LongPollSessions::start`]) and hands it
 //! to the handlers as an extension.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -159,6 +160,7 @@ fn gone() -> Response {
 pub async fn open(
     State(app): State<Arc<App>>,
     Extension(sessions): Extension<Arc<LongPollSessions>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
     let principal = match authenticate(&app, &headers, None).await {
@@ -181,6 +183,7 @@ pub async fn open(
         Some((app.settings.rate_limit, app.settings.rate_burst)),
         Some(push),
     ));
+    session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
     if let Some(principal) = principal {
         session.bind(principal);
     }
@@ -223,7 +226,9 @@ pub async fn call(
         return gone();
     }
     lp.touch();
-    let text = String::from_utf8_lossy(&body).into_owned();
+    let Some(text) = super::utf8_or_parse_error(&body) else {
+        return super::parse_error_response();
+    };
     let ctx = Ctx::new(Arc::clone(&app.services), Arc::clone(&lp.session));
     let response = handle_detached(ctx, text, Some(Arc::clone(&lp.calls))).await;
     lp.touch();

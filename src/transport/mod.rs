@@ -1,11 +1,14 @@
 //! Transports: they frame messages and nothing more. Each hands text to the one dispatch
 //! and writes back what it returns.
 
+pub mod admission;
 pub mod http;
 pub mod longpoll;
+pub mod origin;
 pub mod ws;
 
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
 
 use crate::app::App;
 use crate::auth::AccountError;
@@ -54,4 +57,23 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, ()>> {
         .map(str::trim)
         .filter(|t| !t.is_empty());
     Some(token.ok_or(()))
+}
+
+/// A body's text, or `None` when it is not UTF-8: such a body is not JSON (PROTOCOL §1),
+/// never decoded lossily into something else.
+pub fn utf8_or_parse_error(body: &[u8]) -> Option<String> {
+    std::str::from_utf8(body).ok().map(str::to_owned)
+}
+
+/// 200 with the `-32700` answer, as for any body that is not JSON.
+pub fn parse_error_response() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        parse_error_text(),
+    )
+        .into_response()
+}
+
+pub fn parse_error_text() -> String {
+    serde_json::to_string(&crate::rpc::wire::parse_error()).expect("responses always serialize")
 }

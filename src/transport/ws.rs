@@ -27,6 +27,7 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
 }
@@ -104,6 +105,7 @@ async fn serve(
         Some((app.settings.rate_limit, app.settings.rate_burst)),
         Some(push),
     ));
+    session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
     if let Some(principal) = principal {
         session.bind(principal);
     }
@@ -164,7 +166,18 @@ async fn read_loop(
                 return (close::UNSUPPORTED_DATA, "binary frames are not supported")
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Err(error)) => return close_for(error),
+            Some(Err(error)) => {
+                let (code, reason) = close_for(error);
+                // A text frame that is not UTF-8 is not JSON: answered -32700 like any
+                // other (PROTOCOL §1). The WebSocket library cannot read on after it, so
+                // the connection then closes with 1007.
+                if code == close::INVALID_PAYLOAD {
+                    let _ = responses
+                        .send(Outgoing::Text(super::parse_error_text()))
+                        .await;
+                }
+                return (code, reason);
+            }
         };
         if text.len() > max {
             return (close::MESSAGE_TOO_BIG, "message too big");
@@ -177,11 +190,15 @@ async fn read_loop(
     }
 }
 
-/// A read error: too big a message gets 1009, anything else is a protocol error.
+/// A read error: too big a message gets 1009, a text frame that is not UTF-8 1007,
+/// anything else is a protocol error.
 fn close_for(error: axum::Error) -> (u16, &'static str) {
     match error.into_inner().downcast::<tungstenite::Error>() {
         Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => {
             (close::MESSAGE_TOO_BIG, "message too big")
+        }
+        Ok(e) if matches!(*e, tungstenite::Error::Utf8(_)) => {
+            (close::INVALID_PAYLOAD, "text frame is not UTF-8")
         }
         _ => (close::PROTOCOL_ERROR, "protocol error"),
     }

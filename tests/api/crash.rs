@@ -461,9 +461,125 @@ async fn sigterm_commits_every_acknowledged_reservation_before_exit(db: Arc<Data
     server.kill().await;
 }
 
+/// The versions of a subscription's snapshot and of the `pool.update` a reserve then sends.
+async fn versions_seen(server: &Server, shop: &Shop) -> Vec<u64> {
+    let mut watcher = WsClient::connect(&format!("ws://{}/ws", server.addr))
+        .await
+        .unwrap();
+    let snapshot = watcher
+        .ok("pool.subscribe", json!({"event_id": shop.event_id}))
+        .await;
+    let mut seen = vec![snapshot["pools"][0]["version"].as_u64().unwrap()];
+    let mut buyer = server.ws_as(&shop.token).await;
+    buyer
+        .ok(
+            "tickets.reserve",
+            json!({"items": [{"ticket_type_id": shop.tt, "quantity": 1}]}),
+        )
+        .await;
+    let update = watcher.notification("pool.update").await;
+    seen.push(update["params"]["pools"][0]["version"].as_u64().unwrap());
+    seen
+}
+
+/// PROTOCOL §4: a version is never lower than one a client has seen, across a SIGKILL and
+/// a SIGTERM.
+async fn versions_never_go_back_across_restarts(db: Arc<Database>) {
+    let db = &*db;
+    let (server, shop) = open_shop(db, "Versions", CAPACITY).await;
+    let first = versions_seen(&server, &shop).await;
+    server.kill().await;
+
+    let server = Server::start(db, 2).await;
+    let second = versions_seen(&server, &shop).await;
+    let highest = first.iter().max().unwrap();
+    assert!(
+        second.iter().all(|v| v > highest),
+        "after SIGKILL: {second:?} not all above {first:?}"
+    );
+    let mut server = server;
+    let pid = server.child.id().expect("running").to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("the server exits within 30 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "exit status {exit}");
+
+    let server = Server::start(db, 3).await;
+    let third = versions_seen(&server, &shop).await;
+    let highest = second.iter().max().unwrap();
+    assert!(
+        third.iter().all(|v| v > highest),
+        "after SIGTERM: {third:?} not all above {second:?}"
+    );
+    assert!(
+        third.iter().all(|v| *v < 1 << 53),
+        "versions stay exact in JavaScript numbers: {third:?}"
+    );
+    server.kill().await;
+}
+
+/// Eleven runs, each SIGKILLed (ten kills) while buyers reserve, pay and cancel; then every
+/// answer given is checked against the database and the rebuilt availability.
+async fn a_crash_loop_under_mixed_load_keeps_every_answer_true(db: Arc<Database>) {
+    use crate::faults::{audit, buyers, Ledger};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const KILLS: u32 = 10;
+    let db = &*db;
+    let capacity = 100_000;
+    let (first, shop) = open_shop(db, "Crash loop", capacity).await;
+    let mut first = Some(first);
+    let mut ledger = Ledger::default();
+    for run in 1..=KILLS {
+        let server = match first.take() {
+            Some(server) => server,
+            None => Server::start(db, run).await,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicU64::new(0));
+        let load = tokio::spawn(buyers(
+            format!("http://{}", server.addr),
+            vec![shop.token.clone(); 6],
+            shop.tt.clone(),
+            2_000,
+            Arc::clone(&stop),
+            Arc::clone(&acknowledged),
+            Arc::new(AtomicU64::new(0)),
+        ));
+        let target = 40 + 15 * u64::from(run);
+        poll_until(Duration::from_secs(30), "changes acknowledged", || async {
+            (acknowledged.load(Ordering::SeqCst) >= target).then_some(())
+        })
+        .await;
+        // Killed with calls in flight: those get no answer, and may or may not be committed.
+        server.kill().await;
+        stop.store(true, Ordering::SeqCst);
+        ledger.merge(load.await.unwrap());
+    }
+    let server = Server::start(db, KILLS + 1).await;
+    let url = db.url.clone().expect("the crash loop runs on PostgreSQL");
+    assert!(
+        ledger.status.len() > 100,
+        "too little load to mean anything"
+    );
+    audit(&ledger, &url, capacity, || server.available(&shop.event_id)).await;
+    server.kill().await;
+}
+
 mod sqlite {
     use super::*;
     const BACKEND: Backend = Backend::Sqlite;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn versions_never_go_back_across_restarts() {
+        with_database(BACKEND, super::versions_never_go_back_across_restarts).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expire() {
@@ -487,6 +603,20 @@ mod sqlite {
 mod postgres {
     use super::*;
     const BACKEND: Backend = Backend::Postgres;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn versions_never_go_back_across_restarts() {
+        with_database(BACKEND, super::versions_never_go_back_across_restarts).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_loop_under_mixed_load_keeps_every_answer_true() {
+        with_database(
+            BACKEND,
+            super::a_crash_loop_under_mixed_load_keeps_every_answer_true,
+        )
+        .await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acknowledged_work_survives_sigkill_and_pending_reservations_still_expire() {

@@ -82,11 +82,18 @@ fn until(at_ms: i64, slack: Duration) -> Duration {
     Duration::from_millis((at_ms - now_ms()).max(0) as u64) + slack
 }
 
-/// `GET /health`: the status code and the body.
+/// `GET /health`: the status code and the body, less the node's name (checked here).
 async fn health(app: &TestApp) -> (u16, Value) {
     let response = app.http.get(app.url("/health")).send().await.unwrap();
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    let mut body: Value = response.json().await.unwrap();
+    let node = body.as_object_mut().and_then(|b| b.remove("node"));
+    assert_eq!(
+        node.as_ref().and_then(Value::as_str),
+        app.app.settings.node_id.as_deref(),
+        "{body}"
+    );
+    (status, body)
 }
 
 /// Waits until `/health` says everything is up.
@@ -257,7 +264,7 @@ async fn a_thousand_reservations_expire(app: TestApp, label: &str) {
     assert_all_expired_in_time(&rows, MAX_LAG_MS).report(label);
 }
 
-mod redis_expiry {
+pub(crate) mod redis_expiry {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,14 +555,14 @@ mod redis_expiry {
     }
 
     /// A `redis-server` of the test's own on a free port, killed when dropped.
-    struct PrivateRedis {
+    pub(crate) struct PrivateRedis {
         port: u16,
         child: std::process::Child,
     }
 
     impl PrivateRedis {
         /// Starts it with `extra` settings and waits until it answers.
-        async fn start(port: u16, extra: &[&str]) -> Self {
+        pub(crate) async fn start(port: u16, extra: &[&str]) -> Self {
             let child = std::process::Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
@@ -574,12 +581,12 @@ mod redis_expiry {
             redis
         }
 
-        fn url(&self) -> String {
+        pub(crate) fn url(&self) -> String {
             format!("redis://127.0.0.1:{}", self.port)
         }
 
         /// SIGKILL: no goodbye to the clients.
-        fn kill(&mut self) {
+        pub(crate) fn kill(&mut self) {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -591,7 +598,7 @@ mod redis_expiry {
         }
     }
 
-    fn free_port() -> u16 {
+    pub(crate) fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -674,6 +681,117 @@ mod redis_expiry {
                 assert_eq!(rows.len(), 20);
                 let max_lag = i64::try_from(SWEEP_EVERY.as_millis()).unwrap() + MAX_LAG_MS;
                 assert_all_expired_in_time(&rows, max_lag).report("Redis restarted (sweeper only)");
+                drop(redis);
+            },
+        )
+        .await;
+    }
+
+    /// `DBSIZE` of a Redis of the test's own (it holds only this test's keys).
+    async fn dbsize(addr: &str) -> Option<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"DBSIZE\r\n").await.ok()?;
+        let mut reply = [0u8; 32];
+        let n = stream.read(&mut reply).await.ok()?;
+        let text = std::str::from_utf8(&reply[..n]).ok()?;
+        text.strip_prefix(':')?.trim().parse().ok()
+    }
+
+    /// Reserves `count` single tickets over `connections` WebSockets of one customer.
+    async fn reserve_many(
+        app: &TestApp,
+        token: &str,
+        tt: &Value,
+        count: usize,
+        connections: usize,
+    ) -> Vec<Value> {
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let mut client = app.ws_as(token).await;
+            let params = json!({"items": [{"ticket_type_id": tt, "quantity": 1}]});
+            let each = count / connections;
+            tasks.push(tokio::spawn(async move {
+                let mut reserved = Vec::with_capacity(each);
+                for _ in 0..each {
+                    reserved.push(client.ok("tickets.reserve", params.clone()).await);
+                }
+                reserved
+            }));
+        }
+        join_all(tasks)
+            .await
+            .into_iter()
+            .flat_map(|r| r.unwrap())
+            .collect()
+    }
+
+    /// Redis killed and started again empty while reservations stream in: the keys of the
+    /// reservations still pending are written again (not left to the sweeper), so each is
+    /// released within 1 s of its `expires_at`; those due while Redis was away are released
+    /// as soon as it is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_restarted_empty_under_load_gets_its_keys_back_and_expires_in_time() {
+        if !redis_server_binary_available() {
+            return;
+        }
+        const BEFORE: usize = 800;
+        const DURING: usize = 400;
+        let ttl = Duration::from_secs(10);
+        let port = free_port();
+        let mut redis = PrivateRedis::start(port, &[]).await;
+        let url = redis.url();
+        let prefix = test_prefix();
+        with_app(
+            Backend::Postgres,
+            on_redis(&url, &prefix, ttl),
+            |app| async move {
+                wait_healthy(&app, Duration::from_secs(5)).await;
+                let admin = app.quick_admin().await;
+                let (event_id, tts) = app
+                    .create_pools(&admin, &[(10_000, json!({"kind": "any"}))])
+                    .await;
+                let (_, token) = app.quick_customer().await;
+                let before = reserve_many(&app, &token, &tts[0], BEFORE, 16).await;
+
+                redis.kill();
+                let during = reserve_many(&app, &token, &tts[0], DURING, 16).await;
+                redis = PrivateRedis::start(port, &[]).await;
+                let back = now_ms();
+                wait_healthy(&app, Duration::from_secs(10)).await;
+                let first_due = before
+                    .iter()
+                    .map(|r| millis(&r["expires_at"]))
+                    .min()
+                    .unwrap();
+                assert!(
+                    now_ms() < first_due,
+                    "too slow: Redis was back only after the first reservation fell due"
+                );
+                // The empty Redis holds every pending reservation's key again.
+                let addr = format!("127.0.0.1:{port}");
+                poll_until(
+                    Duration::from_secs(5),
+                    "every key to be written again",
+                    || async { (dbsize(&addr).await? >= (BEFORE + DURING) as u64).then_some(()) },
+                )
+                .await;
+                let all = [before, during].concat();
+                let last_due = all.iter().map(|r| millis(&r["expires_at"])).max().unwrap();
+                poll_until(
+                    until(last_due, Duration::from_secs(5)),
+                    "every reservation to be released",
+                    || async { (app.pool(&event_id, 0).await.0 == 10_000).then_some(()) },
+                )
+                .await;
+                let rows = stored_reservations(&app).await;
+                assert_eq!(rows.len(), BEFORE + DURING);
+                assert!(
+                    rows.values().all(|r| r.expires_at > back),
+                    "all fell due after Redis was back"
+                );
+                assert_all_expired_in_time(&rows, MAX_LAG_MS)
+                    .report("Redis restarted empty under load (re-armed)");
                 drop(redis);
             },
         )
@@ -922,4 +1040,93 @@ async fn payment_racing_expiry(app: TestApp) {
         paid.len(),
         refused.len()
     );
+}
+
+/// Reserves one ticket at a time over 64 WebSockets for 10 s (as fast as the server takes
+/// them; the figure is ~4,000/s) with a TTL of 5 s, then reports how long after
+/// `expires_at` each was released.
+async fn expiry_lag_under_load(app: TestApp, label: &str) {
+    const CONNECTIONS: usize = 64;
+    const CAPACITY: u32 = 1_000_000;
+    let admin = app.quick_admin().await;
+    let (event_id, tts) = app
+        .create_pools(&admin, &[(CAPACITY, json!({"kind": "any"}))])
+        .await;
+    let users = join_all((0..8).map(|_| app.quick_customer())).await;
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    let mut tasks = Vec::new();
+    for i in 0..CONNECTIONS {
+        let mut client = app.ws_as(&users[i % users.len()].1).await;
+        let params = json!({"items": [{"ticket_type_id": tts[0], "quantity": 1}]});
+        tasks.push(tokio::spawn(async move {
+            let mut last_due = 0;
+            let mut made = 0u64;
+            // Bounded by time and by count.
+            while std::time::Instant::now() < deadline && made < 100_000 {
+                let reservation = client.ok("tickets.reserve", params.clone()).await;
+                last_due = last_due.max(millis(&reservation["expires_at"]));
+                made += 1;
+            }
+            (made, last_due)
+        }));
+    }
+    let results: Vec<(u64, i64)> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let made: u64 = results.iter().map(|r| r.0).sum();
+    let rate = made as f64 / started.elapsed().as_secs_f64();
+    let last_due = results.iter().map(|r| r.1).max().unwrap();
+    poll_until(
+        until(last_due, Duration::from_secs(30)),
+        "every reservation to be released",
+        || async { (app.pool(&event_id, 0).await.0 == u64::from(CAPACITY)).then_some(()) },
+    )
+    .await;
+    let rows = stored_reservations(&app).await;
+    assert_eq!(rows.len() as u64, made);
+    Lags::of(&rows).report(&format!("{label}, {made} reservations at {rate:.0}/s"));
+}
+
+/// Benchmarks, not tests: they load both cores for about 20 s each and print figures, so
+/// they are ignored in the suite. Run with
+/// `cargo test --release --test api expiry_lag_under_load -- --ignored --nocapture --test-threads 1`.
+mod expiry_lag {
+    use super::*;
+
+    fn loaded(redis: Option<(String, String)>) -> impl FnOnce(&mut Settings) {
+        move |s: &mut Settings| {
+            s.reservation_ttl = Duration::from_secs(5);
+            s.rate_limit = 1_000_000;
+            s.rate_burst = 1_000_000;
+            if let Some((url, prefix)) = redis {
+                s.redis_url = Some(url);
+                s.redis_prefix = prefix;
+            }
+        }
+    }
+
+    #[ignore = "benchmark: loads the machine for ~20 s and prints the expiry lag"]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expiry_lag_under_load_redis_postgres() {
+        if !redis_available().await {
+            return;
+        }
+        let redis = Some((REDIS_URL.to_owned(), test_prefix()));
+        with_app(Backend::Postgres, loaded(redis), |app| async move {
+            expiry_lag_under_load(app, "Redis + PostgreSQL").await;
+        })
+        .await;
+    }
+
+    #[ignore = "benchmark: loads the machine for ~20 s and prints the expiry lag"]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expiry_lag_under_load_in_process_postgres() {
+        with_app(Backend::Postgres, loaded(None), |app| async move {
+            expiry_lag_under_load(app, "in-process timer + PostgreSQL").await;
+        })
+        .await;
+    }
 }

@@ -92,9 +92,10 @@ async fn health_reports_storage_and_expiry() {
             let response = app.http.get(app.url("/health")).send().await.unwrap();
             assert_eq!(response.status(), 200);
             let body: serde_json::Value = response.json().await.unwrap();
+            let node = app.app.settings.node_id.clone().expect("a node id");
             assert_eq!(
                 body,
-                json!({"status": "ok", "storage": "ok", "expiry": "ok"})
+                json!({"status": "ok", "storage": "ok", "expiry": "ok", "node": node})
             );
             app.app.close_storage().await;
             let response = app.http.get(app.url("/health")).send().await.unwrap();

@@ -2,14 +2,18 @@
 //! against SQLite and against a fresh PostgreSQL database per test.
 
 mod harness;
+mod recorder;
 
 mod abandoned;
 mod auth;
 mod catalog;
 mod cli;
+mod contract_v2;
 mod crash;
 mod durability;
 mod expiry;
+mod faults;
+mod hostile;
 mod jsonrpc;
 mod limits;
 mod live;
@@ -18,6 +22,8 @@ mod malformed;
 mod openrpc;
 mod payments;
 mod races;
+mod reference;
 mod reservations;
+mod settings;
 mod transports;
 mod web;

@@ -51,7 +51,7 @@ pub fn assert_response_documented(doc: &Value, name: &str, response: &Value) {
             }
             assert_valid(
                 doc,
-                &spec["data"],
+                &spec["x-data-schema"],
                 &error["data"],
                 &format!("{name} error {key}"),
             );
@@ -178,4 +178,30 @@ async fn real_responses_match_the_documented_schemas() {
         call(&app, &doc, "reservations.list", json!({"status": "cancelled"}), Some(&token)).await;
     })
     .await;
+}
+
+/// OpenRPC wants an error's `data` to be a value: each error gives an example, and its schema
+/// lives in the extension field `x-data-schema`, which the example must match.
+#[test]
+fn each_error_gives_a_data_value_that_matches_its_schema() {
+    let doc = document();
+    for (key, error) in doc["components"]["errors"].as_object().unwrap() {
+        let data = &error["data"];
+        assert_eq!(data["reason"], key.as_str(), "{key}: data is a value");
+        assert_valid(&doc, &error["x-data-schema"], data, &format!("{key} data"));
+    }
+}
+
+/// The document and decision 8 of `protocol/README.md` agree: `/rpc` is not rate limited.
+#[test]
+fn the_document_says_rpc_is_not_rate_limited() {
+    let description = document()["info"]["description"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        description.contains("POST /rpc is not counted per client"),
+        "{description}"
+    );
+    assert!(!description.contains("session or HTTP client"));
 }

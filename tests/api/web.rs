@@ -1,10 +1,11 @@
-//! `GET /`: the bundled web client is one self-contained HTML page that speaks the protocol
-//! over the same host's `/ws` and `/lp`, and loads nothing from anywhere else.
+//! `GET /`: the bundled web client is an HTML page built on `GET /client.js` (the JavaScript
+//! client library), speaking the protocol over the same host's `/ws` and `/lp`, and loading
+//! nothing from anywhere else. Its behaviour in a browser is tested under `tests/browser/`.
 
 use crate::harness::{with_app, Backend};
 
 #[tokio::test]
-async fn the_web_client_is_one_self_contained_page() {
+async fn the_web_client_is_a_page_and_its_client_library() {
     with_app(
         Backend::Sqlite,
         |_| {},
@@ -16,14 +17,43 @@ async fn the_web_client_is_one_self_contained_page() {
                 .unwrap()
                 .to_owned();
             assert!(content_type.starts_with("text/html"), "{content_type}");
-            let body = response.text().await.unwrap();
+            let page = response.text().await.unwrap();
+            assert!(
+                page.contains("from \"/client.js\""),
+                "the page imports the client library"
+            );
+
+            let response = app.http.get(app.url("/client.js")).send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            let content_type = response.headers()["content-type"].to_str().unwrap();
+            assert!(
+                content_type.starts_with("text/javascript"),
+                "{content_type}"
+            );
+            let library = response.text().await.unwrap();
+            assert!(library.contains("export function connect("));
+            for marker in [
+                "\"/ws\"",
+                "/lp",
+                "retry_after_ms",
+                "auth.authenticate",
+                "pool.subscribe",
+            ] {
+                assert!(
+                    library.contains(marker),
+                    "the client library lacks {marker:?}"
+                );
+            }
+            // The favicon is inline (no request, no 404); its SVG namespace is not an address.
+            let page = page.replace("xmlns='http://www.w3.org/2000/svg'", "");
+            let body = format!("{page}\n{library}");
 
             for marker in [
                 "<!doctype html>",
                 "<title>",
                 "<html lang=",
                 "/ws",
-                "\"/lp\"",
+                "/lp",
                 "auth.authenticate",
                 "auth.register",
                 "auth.login",
@@ -61,7 +91,7 @@ async fn the_web_client_is_one_self_contained_page() {
                 "http://",
                 "https://",
                 " src=",
-                "<link",
+                "<link rel=\"stylesheet",
                 "url(",
                 "@import",
                 "href=\"//",
@@ -72,7 +102,7 @@ async fn the_web_client_is_one_self_contained_page() {
                 );
             }
             assert!(
-                body.contains("location.host"),
+                body.contains("location.origin"),
                 "addresses come from location"
             );
         },

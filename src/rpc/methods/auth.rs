@@ -53,6 +53,7 @@ fn bind(ctx: &Ctx, signed_in: SignedIn) -> AuthResult {
 }
 
 async fn register_user(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcError> {
+    ctx.session.take_auth_call()?;
     let email = Email::parse(&params.email)
         .ok_or_else(|| RpcError::invalid_params("email", "not an email address"))?;
     let password = password_param(Password::for_new_account(params.password))?;
@@ -61,6 +62,7 @@ async fn register_user(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcE
 }
 
 async fn login(ctx: Ctx, params: Credentials) -> Result<AuthResult, RpcError> {
+    ctx.session.take_auth_call()?;
     // A malformed email can belong to no one: the same answer as any unknown email.
     let email = Email::parse(&params.email);
     let password = password_param(Password::presented(params.password))?;

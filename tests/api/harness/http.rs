@@ -3,6 +3,7 @@
 use serde_json::{json, Value};
 
 use super::TestApp;
+use crate::recorder;
 
 impl TestApp {
     /// POSTs a raw body to `/rpc`; returns the status and the parsed body (Null when empty).
@@ -28,8 +29,10 @@ impl TestApp {
     /// One call over `/rpc`; returns the whole response object.
     pub async fn rpc(&self, method: &str, params: Value, token: Option<&str>) -> Value {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        recorder::frame("/rpc", "rpc", true, &body.to_string());
         let (status, response) = self.post_rpc_raw(body.to_string(), token).await;
         assert_eq!(status, 200, "{response}");
+        recorder::frame("/rpc", "rpc", false, &response.to_string());
         response
     }
 

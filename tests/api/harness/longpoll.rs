@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use super::http::{parse_body, status_and_body};
 use super::{TestApp, CLIENT_WAIT};
+use crate::recorder;
 
 impl TestApp {
     /// Long-poll sessions open on the server (its `open_connections{transport="longpoll"}`).
@@ -114,16 +115,22 @@ impl LongPollClient {
 
     /// `POST /lp/{session}` with a raw body: the status and body, unchecked.
     pub async fn post_raw(&self, body: impl Into<String>) -> (u16, Value) {
+        let body = body.into();
+        recorder::frame("long-poll", &self.session, true, &body);
         let response = self
             .http
             .post(self.url())
             .header("content-type", "application/json")
-            .body(body.into())
+            .body(body)
             .timeout(CLIENT_WAIT)
             .send()
             .await
             .unwrap();
-        status_and_body(response).await
+        let (status, answer) = status_and_body(response).await;
+        if status == 200 {
+            recorder::frame("long-poll", &self.session, false, &answer.to_string());
+        }
+        (status, answer)
     }
 
     /// `GET /lp/{session}?cursor=N`: the status and body, unchecked; the cursor is not moved.
@@ -148,7 +155,10 @@ impl LongPollClient {
         };
         let status = response.status().as_u16();
         match response.text().await {
-            Ok(text) => Some((status, parse_body(text))),
+            Ok(text) => {
+                recorder::frame("long-poll GET", &self.session, false, &text);
+                Some((status, parse_body(text)))
+            }
             Err(error) if error.is_timeout() => None,
             Err(error) => panic!("GET {}: {error}", self.url()),
         }

@@ -1,6 +1,7 @@
 //! The WebSocket client: the one place a WebSocket message is sent ([`WsClient::send_text`])
 //! and received ([`WsClient::next_text`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -11,6 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::TestApp;
+use crate::recorder;
 
 impl TestApp {
     pub async fn ws(&self) -> WsClient {
@@ -30,6 +32,8 @@ impl TestApp {
 /// A JSON-RPC client over a real WebSocket.
 pub struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Names this connection in recordings.
+    conn: String,
     next_id: u64,
     /// Notifications that arrived while waiting for a response.
     pub notifications: Vec<Value>,
@@ -49,15 +53,19 @@ const WS_WAIT: Duration = Duration::from_secs(10);
 impl WsClient {
     pub async fn connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let (socket, _) = tokio_tungstenite::connect_async(url).await?;
+        static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
         Ok(Self {
             socket,
+            conn: format!("ws-{}", CONNECTIONS.fetch_add(1, Ordering::Relaxed)),
             next_id: 1,
             notifications: Vec::new(),
         })
     }
 
     pub async fn send_text(&mut self, text: impl Into<String>) {
-        self.socket.send(Message::text(text.into())).await.unwrap();
+        let text = text.into();
+        recorder::frame("WebSocket", &self.conn, true, &text);
+        self.socket.send(Message::text(text)).await.unwrap();
     }
 
     pub async fn send_binary(&mut self, bytes: Vec<u8>) {
@@ -71,7 +79,10 @@ impl WsClient {
                 .await
                 .expect("no message from the server within 10 s");
             match frame {
-                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Text(text))) => {
+                    recorder::frame("WebSocket", &self.conn, false, &text);
+                    return Ok(serde_json::from_str(&text).unwrap());
+                }
                 Some(Ok(Message::Close(Some(frame)))) => {
                     return Err(Closed::Code(u16::from(frame.code)))
                 }
