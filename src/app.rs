@@ -28,7 +28,6 @@ use crate::rpc::session::AddressLimiter;
 use crate::rpc::{methods, Services};
 use crate::store::writer::{StorageHealth, WriteError, Writer};
 use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
-use crate::transport::longpoll::LongPollSessions;
 
 /// The machine-readable contract, served by `rpc.discover`.
 pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
@@ -54,7 +53,6 @@ pub struct App {
     pub storage_health: Arc<StorageHealth>,
     pub catalog: Arc<Catalog>,
     pub fanout: Arc<FanOut>,
-    pub long_polls: LongPollSessions,
     pub tokens: Tokens,
     pub passwords: Passwords,
     pub metrics: Arc<Metrics>,
@@ -96,13 +94,21 @@ pub enum StartError {
 impl App {
     /// Connects storage, migrates, recovers the inventory and pending reservations, starts
     /// the writer and expiry, and (with `--demo`) seeds the catalog.
-    pub async fn start(mut settings: Settings) -> Result<Arc<App>, StartError> {
+    pub async fn start(settings: Settings) -> Result<Arc<App>, StartError> {
+        Self::start_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// [`App::start`] on the given clock (tests run on `expiry::timer::TokioClock`, so paused
+    /// tokio time drives reservations' expiry).
+    pub async fn start_with_clock(
+        mut settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<App>, StartError> {
         let node = settings.resolve_node_id().to_owned();
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
         let writer_store = Store::connect_writer(&settings.database()).await?;
         let secret = jwt_secret(&settings)?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let metrics = Arc::new(Metrics::for_node(&node));
         let stop_writer = CancellationToken::new();
         let (writer, writer_task) = Writer::start(
@@ -188,7 +194,6 @@ impl App {
             engine,
             storage_health,
             fanout,
-            long_polls: LongPollSessions::default(),
             metrics,
             clock,
             settings,
@@ -200,10 +205,6 @@ impl App {
             app.engine.clone(),
             due_rx,
             app.background.clone(),
-            app.stop_background.clone(),
-        ));
-        app.background.spawn(LongPollSessions::expire_idle(
-            Arc::clone(&app),
             app.stop_background.clone(),
         ));
         app.background.spawn(sweeper::sweep(

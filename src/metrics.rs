@@ -1,5 +1,5 @@
 //! Prometheus metrics served at `GET /metrics`: open connections, calls by method and
-//! outcome, call latency, and the writer's batches.
+//! outcome, call latency, calls in flight, waiting long-poll GETs, and the writer's batches.
 
 use std::time::Duration;
 
@@ -36,6 +36,24 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     latency: LatencyFamily,
     batch_size: Histogram,
+    in_flight: Family<MethodLabels, Gauge>,
+    gets_waiting: Gauge,
+}
+
+/// Counts something in progress until dropped (a call running, a GET waiting).
+pub struct InProgress(Gauge);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl InProgress {
+    fn start(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
 }
 
 impl Default for Metrics {
@@ -72,12 +90,26 @@ impl Metrics {
             "Changes committed per write-behind transaction",
             batch_size.clone(),
         );
+        let in_flight = Family::<MethodLabels, Gauge>::default();
+        registry.register(
+            "calls_in_flight",
+            "JSON-RPC calls begun and not yet finished (a call goes on when its client leaves)",
+            in_flight.clone(),
+        );
+        let gets_waiting = Gauge::default();
+        registry.register(
+            "long_poll_gets_waiting",
+            "Long-poll GETs waiting for notifications",
+            gets_waiting.clone(),
+        );
         Self {
             registry,
             connections,
             calls,
             latency,
             batch_size,
+            in_flight,
+            gets_waiting,
         }
     }
 
@@ -99,10 +131,41 @@ impl Metrics {
         }
     }
 
+    /// Counts a call of `method` (from the method table) as running until the guard drops.
+    pub fn call_started(&self, method: &'static str) -> InProgress {
+        InProgress::start(
+            self.in_flight
+                .get_or_create(&MethodLabels { method })
+                .clone(),
+        )
+    }
+
+    /// Calls of `method` running now.
+    pub fn calls_in_flight(&self, method: &'static str) -> i64 {
+        self.in_flight.get_or_create(&MethodLabels { method }).get()
+    }
+
+    /// Counts a long-poll GET as waiting until the guard drops.
+    pub fn get_waiting(&self) -> InProgress {
+        InProgress::start(self.gets_waiting.clone())
+    }
+
+    /// Long-poll GETs waiting now.
+    pub fn gets_waiting(&self) -> i64 {
+        self.gets_waiting.get()
+    }
+
     pub fn connection_opened(&self, transport: &'static str) {
         self.connections
             .get_or_create(&TransportLabels { transport })
             .inc();
+    }
+
+    /// Open connections (or long-poll sessions) of `transport` now.
+    pub fn open_connections(&self, transport: &'static str) -> i64 {
+        self.connections
+            .get_or_create(&TransportLabels { transport })
+            .get()
     }
 
     pub fn connection_closed(&self, transport: &'static str) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -16,6 +16,7 @@ use tower::Service as _;
 
 use crate::app::App;
 use crate::transport::admission::{self, Admission};
+use crate::transport::longpoll::LongPollSessions;
 use crate::transport::{http, longpoll, origin, ws};
 
 /// How long shutdown waits for open connections to finish their calls and close.
@@ -23,9 +24,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the listener pauses after a failed accept (e.g. out of descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Every route of PROTOCOL §2.
+/// Every route of PROTOCOL §2. The long-poll routes share one session table, made here.
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.settings.max_message_bytes as usize;
+    let long_polls = LongPollSessions::start(&app);
     // The routes a page of another site could drive a visitor's session through.
     let sessions = Router::new()
         .route("/ws", get(ws::upgrade))
@@ -48,6 +50,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(Extension(long_polls))
         .with_state(app)
 }
 

@@ -1,15 +1,45 @@
 //! The in-process timer behind the expiry port, for the embedded default (no Redis): a
 //! time-ordered set and a task woken by `Notify` when the earliest deadline changes (the
-//! mini-redis purge-task pattern).
+//! mini-redis purge-task pattern). It sleeps on tokio's time, and [`TokioClock`] is a wall
+//! clock that follows tokio's time, so `tokio::time::pause()`/`advance()` drive both.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Expiry;
-use crate::core::{Clock, ReservationId, Timestamp};
+use crate::core::{Clock, ReservationId, SystemClock, Timestamp};
+
+/// A wall clock on tokio's time: the system time when it was made, moved on by tokio's
+/// monotonic clock. Under `tokio::time::pause()` it stands still until `advance()`.
+pub struct TokioClock {
+    origin: Timestamp,
+    started: Instant,
+}
+
+impl TokioClock {
+    pub fn new() -> Self {
+        Self {
+            origin: SystemClock.now(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        self.origin.saturating_add(self.started.elapsed())
+    }
+}
 
 #[derive(Default)]
 struct Schedule {
@@ -77,12 +107,13 @@ impl TimerExpiry {
                     return;
                 }
             }
-            let sleep = match next {
-                Some(at) => self.clock.now().until(at),
-                None => std::time::Duration::from_secs(3600),
-            };
+            let wake_at = Instant::now()
+                + match next {
+                    Some(at) => self.clock.now().until(at),
+                    None => std::time::Duration::from_secs(3600),
+                };
             tokio::select! {
-                () = tokio::time::sleep(sleep) => {}
+                () = tokio::time::sleep_until(wake_at) => {}
                 () = self.wake.notified() => {}
                 () = stop.cancelled() => return,
             }
@@ -131,6 +162,8 @@ impl Expiry for TimerExpiry {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn at(ms: i64) -> Timestamp {
@@ -183,6 +216,30 @@ mod tests {
         timer.cancel(b);
         timer.schedule(a, at(900));
         assert_eq!(due.recv().await, Some(a));
+        assert!(timer.is_empty());
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_tokio_time_a_deadline_falls_due_when_time_reaches_it_not_before() {
+        let clock = Arc::new(TokioClock::new());
+        let timer = TimerExpiry::new(clock.clone());
+        let (due_tx, mut due) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+        let started = Instant::now();
+        let (soon, later) = (ReservationId::new(), ReservationId::new());
+        timer.schedule(
+            later,
+            clock.now().saturating_add(Duration::from_millis(2_000)),
+        );
+        timer.schedule(soon, clock.now().saturating_add(Duration::from_millis(500)));
+        assert_eq!(due.recv().await, Some(soon));
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        let early = tokio::time::timeout(Duration::from_millis(1_499), due.recv()).await;
+        assert!(early.is_err(), "nothing is due before 2 s: {early:?}");
+        assert_eq!(due.recv().await, Some(later));
+        assert_eq!(started.elapsed(), Duration::from_millis(2_000));
         assert!(timer.is_empty());
         stop.cancel();
     }

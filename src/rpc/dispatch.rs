@@ -184,10 +184,13 @@ impl Dispatcher {
             Some((name, handler)) => {
                 let outcome = match ctx.session.take_call() {
                     Err(limited) => Err(limited),
-                    Ok(()) => AssertUnwindSafe(handler(ctx.clone(), params))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|panic| Err(RpcError::Internal(panic_message(&panic)))),
+                    Ok(()) => {
+                        let _running = ctx.services.metrics.call_started(name);
+                        AssertUnwindSafe(handler(ctx.clone(), params))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|panic| Err(RpcError::Internal(panic_message(&panic))))
+                    }
                 };
                 (name, outcome)
             }

@@ -2,7 +2,9 @@
 //! WebSocket, for networks that block WebSockets. `POST /lp` opens a session; `POST
 //! /lp/{id}` runs calls in it; `GET /lp/{id}?cursor=N` waits for notifications with
 //! `seq > N`, acknowledging everything up to `N`; `DELETE /lp/{id}` closes it. A session
-//! expires `session_timeout` after its last request, or when its outbox overflows.
+//! expires `session_timeout` after its last request, or when its outbox overflows. The
+//! session table belongs here: the router holds it ([`LongPollSessions::start`]) and hands it
+//! to the handlers as an extension.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +15,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use dashmap::DashMap;
 use serde::Deserialize;
 use serde_json::json;
@@ -83,6 +86,17 @@ pub struct LongPollSessions {
 }
 
 impl LongPollSessions {
+    /// A new table, with its sweeper of idle sessions running until the server shuts down.
+    pub fn start(app: &Arc<App>) -> Arc<Self> {
+        let sessions = Arc::new(Self::default());
+        app.tasks.spawn(Self::expire_idle(
+            Arc::clone(app),
+            Arc::clone(&sessions),
+            app.shutdown.clone(),
+        ));
+        sessions
+    }
+
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
@@ -110,7 +124,7 @@ impl LongPollSessions {
     }
 
     /// Expires sessions idle past the timeout, until `stop`.
-    pub async fn expire_idle(app: Arc<App>, stop: CancellationToken) {
+    async fn expire_idle(app: Arc<App>, sessions: Arc<Self>, stop: CancellationToken) {
         let mut every = tokio::time::interval(SWEEP_EVERY);
         loop {
             tokio::select! {
@@ -118,8 +132,7 @@ impl LongPollSessions {
                 () = stop.cancelled() => return,
             }
             let timeout = app.settings.session_timeout;
-            let idle: Vec<String> = app
-                .long_polls
+            let idle: Vec<String> = sessions
                 .sessions
                 .iter()
                 .filter(|entry| {
@@ -129,8 +142,7 @@ impl LongPollSessions {
                 .map(|entry| entry.key().clone())
                 .collect();
             for id in idle {
-                app.long_polls
-                    .remove(&app, &id, "idle past the session timeout");
+                sessions.remove(&app, &id, "idle past the session timeout");
             }
         }
     }
@@ -147,6 +159,7 @@ fn gone() -> Response {
 /// `POST /lp`: opens a session, bound to the Bearer token's user if one is given.
 pub async fn open(
     State(app): State<Arc<App>>,
+    Extension(sessions): Extension<Arc<LongPollSessions>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
@@ -160,7 +173,7 @@ pub async fn open(
             return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
         }
     };
-    if app.long_polls.len() >= app.settings.max_connections as usize {
+    if sessions.len() >= app.settings.max_connections as usize {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions").into_response();
     }
     let outbox = Outbox::new(NOTIFICATION_CAPACITY);
@@ -178,7 +191,7 @@ pub async fn open(
     let id = hex::encode(rand::random::<[u8; 16]>());
     tracing::info!(session = session.id, "long-poll session opened");
     app.metrics.connection_opened("longpoll");
-    app.long_polls.sessions.insert(
+    sessions.sessions.insert(
         id.clone(),
         Arc::new(LongPoll {
             session,
@@ -199,13 +212,17 @@ pub async fn open(
 }
 
 /// `POST /lp/{session}`: a message or batch, run in the session's context.
-pub async fn call(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Response {
-    let Some(lp) = app.long_polls.get(&id) else {
+pub async fn call(
+    State(app): State<Arc<App>>,
+    Extension(sessions): Extension<Arc<LongPollSessions>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(lp) = sessions.get(&id) else {
         return gone();
     };
     if lp.outbox.overflowed() {
-        app.long_polls
-            .remove(&app, &id, "too many undelivered notifications");
+        sessions.remove(&app, &id, "too many undelivered notifications");
         return gone();
     }
     lp.touch();
@@ -230,10 +247,11 @@ pub struct PollQuery {
 /// `GET /lp/{session}?cursor=N`: notifications after `N`, waiting up to the poll timeout.
 pub async fn poll(
     State(app): State<Arc<App>>,
+    Extension(sessions): Extension<Arc<LongPollSessions>>,
     Path(id): Path<String>,
     Query(query): Query<PollQuery>,
 ) -> Response {
-    let Some(lp) = app.long_polls.get(&id) else {
+    let Some(lp) = sessions.get(&id) else {
         return gone();
     };
     lp.touch();
@@ -241,11 +259,13 @@ pub async fn poll(
     let generation = lp.poll_generation.fetch_add(1, Ordering::SeqCst) + 1;
     // An older GET of this session answers now with what it has (nothing).
     lp.preempt.notify_waiters();
+    // Counted after the generation is taken: a GET counted here is the one a newer GET
+    // answers at once.
+    let _waiting = app.metrics.get_waiting();
     let deadline = Instant::now() + app.settings.poll_timeout;
     let messages = loop {
         if lp.outbox.overflowed() {
-            app.long_polls
-                .remove(&app, &id, "too many undelivered notifications");
+            sessions.remove(&app, &id, "too many undelivered notifications");
             return gone();
         }
         let messages = lp.outbox.poll(query.cursor);
@@ -267,7 +287,7 @@ pub async fn poll(
     };
     lp.touch();
     // Closed or expired while this GET waited: say so now rather than at the next poll.
-    if messages.is_empty() && app.long_polls.get(&id).is_none() {
+    if messages.is_empty() && sessions.get(&id).is_none() {
         return gone();
     }
     let cursor = messages.last().map_or(query.cursor, |(seq, _)| *seq);
@@ -293,8 +313,12 @@ fn poll_body(cursor: u64, messages: &[(u64, String)]) -> String {
 }
 
 /// `DELETE /lp/{session}`.
-pub async fn close(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    if app.long_polls.remove(&app, &id, "closed by the client") {
+pub async fn close(
+    State(app): State<Arc<App>>,
+    Extension(sessions): Extension<Arc<LongPollSessions>>,
+    Path(id): Path<String>,
+) -> Response {
+    if sessions.remove(&app, &id, "closed by the client") {
         StatusCode::NO_CONTENT.into_response()
     } else {
         gone()

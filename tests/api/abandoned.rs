@@ -53,6 +53,15 @@ async fn impatient_call(
     );
 }
 
+/// Waits until `count` calls of `method` are running on the server (its
+/// `calls_in_flight` gauge).
+async fn calls_running(app: &TestApp, method: &'static str, count: i64) {
+    crate::harness::poll_until(Duration::from_secs(10), method, || async {
+        (app.app.metrics.calls_in_flight(method) == count).then_some(())
+    })
+    .await;
+}
+
 async fn setup(app: &TestApp, capacity: u32) -> (Value, Value, String) {
     let admin = app.quick_admin().await;
     let (event_id, types) = app
@@ -79,7 +88,8 @@ async fn a_retry_after_the_client_gave_up_replays_the_same_reservation() {
                     .body(body.to_string()).send().await.unwrap().json::<Value>().await.unwrap()
             }
         });
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The first call still commits and the retry has reached the server: both run.
+        calls_running(&app, "tickets.reserve", 2).await;
         release(locker).await;
         let retried = retry.await.unwrap();
         assert!(retried["error"].is_null(), "{retried}");
@@ -117,7 +127,8 @@ async fn a_payment_the_client_gave_up_on_still_completes_in_memory() {
                 Duration::from_millis(300),
             )
             .await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The client is gone and its call still waits for the database.
+            calls_running(&app, "payments.create", 1).await;
             release(locker).await;
             let got = crate::harness::poll_until(
                 Duration::from_secs(10),
@@ -132,10 +143,10 @@ async fn a_payment_the_client_gave_up_on_still_completes_in_memory() {
             .await;
             let listed = app.ok_as(&token, "reservations.list", json!({})).await;
             let retry = app
-                .call_as(
-                    &token,
+                .rpc(
                     "payments.create",
                     json!({"reservation_id": id, "payment_token": "tok_ok"}),
+                    Some(&token),
                 )
                 .await;
             assert_eq!(listed["reservations"][0]["status"], "paid");
@@ -174,7 +185,8 @@ async fn a_cancel_the_client_gave_up_on_still_returns_the_tickets() {
                 Duration::from_millis(300),
             )
             .await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The client is gone and its call still waits for the database.
+            calls_running(&app, "reservations.cancel", 1).await;
             release(locker).await;
             crate::harness::poll_until(
                 Duration::from_secs(10),
@@ -260,7 +272,11 @@ async fn an_upper_case_id_is_not_found() {
                 .await;
             let upper = reservation["id"].as_str().unwrap().to_uppercase();
             let response = app
-                .call_as(&token, "reservations.get", json!({"reservation_id": upper}))
+                .rpc(
+                    "reservations.get",
+                    json!({"reservation_id": upper}),
+                    Some(&token),
+                )
                 .await;
             assert_eq!(
                 response["error"]["data"]["reason"], "NOT_FOUND",

@@ -74,7 +74,7 @@ backend_tests! {
     }
 
     async fn a_token_at_connect_binds_the_connection(app) {
-        let token = app.customer_token().await;
+        let token = app.quick_customer().await.1;
         let mut ws = WsClient::connect(&format!("ws://{}/ws?token={token}", app.addr)).await.unwrap();
         // `admin.events.create` needs a user: a customer gets FORBIDDEN, not UNAUTHENTICATED.
         let response = ws.call("admin.events.create", event_params("x", 1, json!({"kind": "any"}))).await;
@@ -85,11 +85,11 @@ backend_tests! {
     }
 
     async fn a_customer_cannot_create_events(app) {
-        let token = app.customer_token().await;
+        let token = app.quick_customer().await.1;
         let response = app.rpc("admin.events.create", event_params("Gig", 10, json!({"kind": "any"})), Some(&token)).await;
         assert_eq!(reason(&response), "FORBIDDEN");
         assert_eq!(response["error"]["code"], 1003);
-        let admin = app.admin_token().await;
+        let admin = app.quick_admin().await;
         let event = app.create_event(&admin, event_params("Gig", 10, json!({"kind": "any"}))).await;
         assert_eq!(event["ticket_types"][0]["available"], 10);
     }

@@ -9,7 +9,7 @@ use crate::harness::{event_params, reason};
 
 backend_tests! {
     async fn pagination_visits_every_event_exactly_once(app) {
-        let admin = app.admin_token().await;
+        let admin = app.quick_admin().await;
         let mut created = HashSet::new();
         for i in 0..23 {
             // Several events share a start time, so the order must break ties by id.
@@ -53,7 +53,7 @@ backend_tests! {
     }
 
     async fn a_created_event_is_listed_with_its_ticket_types(app) {
-        let admin = app.admin_token().await;
+        let admin = app.quick_admin().await;
         let params = json!({
             "name": "Opera night",
             "starts_at": "2027-02-03T19:00:00+01:00",
@@ -77,7 +77,7 @@ backend_tests! {
     }
 
     async fn an_event_survives_a_restart(app) {
-        let admin = app.admin_token().await;
+        let admin = app.quick_admin().await;
         let event = app.create_event(&admin, event_params("Kept", 7, json!({"kind": "any"}))).await;
         let stored = app.app.store.load_events().await.unwrap();
         assert_eq!(stored.len(), 1);
@@ -86,7 +86,7 @@ backend_tests! {
     }
 
     async fn invalid_events_name_the_field(app) {
-        let admin = app.admin_token().await;
+        let admin = app.quick_admin().await;
         let cases = [
             (json!({"name": "", "starts_at": "2027-01-01T00:00:00Z", "ticket_types": []}), "name"),
             (json!({"name": "A", "starts_at": "next week", "ticket_types": []}), "starts_at"),

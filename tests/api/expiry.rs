@@ -339,10 +339,10 @@ pub(crate) mod redis_expiry {
                 }
 
                 let paid = app
-                    .call_as(
-                        &token,
+                    .rpc(
                         "payments.create",
                         json!({"reservation_id": reservations[0]["id"], "payment_token": "tok_ok"}),
+                        Some(&token),
                     )
                     .await;
                 assert!(paid["error"].is_null(), "{paid}");
@@ -980,7 +980,7 @@ async fn payment_racing_expiry(app: TestApp) {
         async move {
             // Scheduling the payment at its moment, not waiting for a condition.
             tokio::time::sleep(until(pay_at, Duration::ZERO)).await;
-            app.call_as(&token, "payments.create", params).await
+            app.rpc("payments.create", params, Some(&token)).await
         }
     }))
     .await;

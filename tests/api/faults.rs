@@ -576,7 +576,7 @@ async fn a_cut_commit_is_settled_by_the_database(cut: Cut) {
     )
     .await;
     let refused = app
-        .call_as(&token, "tickets.reserve", reserve.clone())
+        .rpc("tickets.reserve", reserve.clone(), Some(&token))
         .await;
     assert_eq!(reason(&refused), "UNAVAILABLE", "{refused}");
     // ...but the reserve whose COMMIT was cut is neither answered nor undone.
@@ -669,7 +669,7 @@ async fn during_an_outage_writes_and_health_answer_at_once_and_recovery_is_autom
     pg.stop_immediate();
     // The first write finds out (a connection attempt); from then on the outage is known.
     let first = app
-        .call_as(&token, "tickets.reserve", reserve.clone())
+        .rpc("tickets.reserve", reserve.clone(), Some(&token))
         .await;
     assert_eq!(reason(&first), "UNAVAILABLE", "{first}");
     let mut writes = Vec::new();
@@ -677,19 +677,19 @@ async fn during_an_outage_writes_and_health_answer_at_once_and_recovery_is_autom
     for i in 0..20 {
         let started = Instant::now();
         let answer = if i % 2 == 0 {
-            app.call_as(&token, "tickets.reserve", reserve.clone())
+            app.rpc("tickets.reserve", reserve.clone(), Some(&token))
                 .await
         } else {
             let key = json!({"items": [{"ticket_type_id": tts[0], "quantity": 1}], "idempotency_key": format!("k{i}")});
-            app.call_as(&token, "tickets.reserve", key).await
+            app.rpc("tickets.reserve", key, Some(&token)).await
         };
         writes.push(started.elapsed());
         assert_eq!(reason(&answer), "UNAVAILABLE", "{answer}");
         let cancel = app
-            .call_as(
-                &token,
+            .rpc(
                 "reservations.cancel",
                 json!({"reservation_id": kept["id"]}),
+                Some(&token),
             )
             .await;
         assert_eq!(reason(&cancel), "UNAVAILABLE", "{cancel}");
@@ -728,7 +728,7 @@ async fn during_an_outage_writes_and_health_answer_at_once_and_recovery_is_autom
         "a reserve to succeed again",
         || async {
             let answer = app
-                .call_as(&token, "tickets.reserve", reserve.clone())
+                .rpc("tickets.reserve", reserve.clone(), Some(&token))
                 .await;
             answer["error"].is_null().then_some(())
         },

@@ -217,7 +217,7 @@ async fn a_thousand_waiting_sessions_all_get_every_update_then_expire_when_they_
         })
         .await;
         let opened = started.elapsed();
-        assert_eq!(app.app.long_polls.len(), SESSIONS);
+        assert_eq!(app.long_poll_sessions(), SESSIONS);
         assert_eq!(app.app.fanout.subscription_count(), SESSIONS);
 
         // Each reservation once every session has the previous version, so each one is
@@ -249,7 +249,7 @@ async fn a_thousand_waiting_sessions_all_get_every_update_then_expire_when_they_
 
         // They all stopped polling: they expire and free their subscriptions.
         poll_until(Duration::from_secs(30), "every session to expire", || async {
-            (app.app.long_polls.is_empty() && app.app.fanout.subscription_count() == 0).then_some(())
+            ((app.long_poll_sessions() == 0) && app.app.fanout.subscription_count() == 0).then_some(())
         })
         .await;
         for session in sessions.iter().step_by(100) {
@@ -300,7 +300,7 @@ async fn overflow_a_session(app: &TestApp) -> LongPollClient {
         let expected: HashSet<String> = made.iter().map(Value::to_string).collect();
         assert_eq!(seen, expected, "an outbox up to full loses nothing");
     }
-    assert_eq!(app.app.long_polls.len(), 1, "full is not yet over");
+    assert_eq!(app.long_poll_sessions(), 1, "full is not yet over");
     assert_eq!(app.app.fanout.subscription_count(), 1);
     // One more does not fit.
     reserve_and_cancel(app, &token, &types[0], 1, 1).await;
@@ -313,7 +313,7 @@ async fn a_session_that_never_acknowledges_overflows_and_expires() {
         let session = overflow_a_session(&app).await;
         let gone = (410, json!({"error": "SESSION_EXPIRED"}));
         assert_eq!(session.get_raw(0).await, gone);
-        assert_eq!(app.app.long_polls.len(), 0);
+        assert_eq!(app.long_poll_sessions(), 0);
         poll_until(
             Duration::from_secs(5),
             "the subscription to be freed",

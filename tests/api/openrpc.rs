@@ -138,7 +138,7 @@ async fn real_responses_match_the_documented_schemas() {
         call(&app, &doc, "auth.authenticate", json!({"token": token}), None).await;
         call(&app, &doc, "auth.authenticate", json!({"token": "nonsense"}), None).await;
         call(&app, &doc, "auth.logout", json!({}), None).await;
-        let admin = app.admin_token().await;
+        let admin = app.quick_admin().await;
         let mut params = event_params("Schema fest", 10, json!({"kind": "multiple", "of": 2}));
         params["ticket_types"].as_array_mut().unwrap().push(json!({"name": "Solo", "price": {"amount": 0, "currency": "EUR"}, "capacity": 3, "rule": {"kind": "avoid_one"}}));
         let created = call(&app, &doc, "admin.events.create", params.clone(), Some(&admin)).await;

@@ -31,10 +31,10 @@ async fn reserve(app: &TestApp, token: &str, tt: &Value, quantity: u64) -> Value
 }
 
 async fn pay(app: &TestApp, token: &str, reservation_id: &Value, payment_token: &str) -> Value {
-    app.call_as(
-        token,
+    app.rpc(
         "payments.create",
         json!({"reservation_id": reservation_id, "payment_token": payment_token}),
+        Some(token),
     )
     .await
 }
@@ -101,7 +101,7 @@ backend_tests! {
         let again = pay(&app, &token, &reservation["id"], "tok_ok").await;
         assert_error(&again, 2004, "RESERVATION_NOT_PENDING");
         let cancel = app
-            .call_as(&token, "reservations.cancel", json!({"reservation_id": reservation["id"]}))
+            .rpc("reservations.cancel", json!({"reservation_id": reservation["id"]}), Some(&token))
             .await;
         assert_error(&cancel, 2004, "RESERVATION_NOT_PENDING");
         assert_eq!(app.pool(&event_id, 0).await, before);
@@ -160,9 +160,9 @@ backend_tests! {
         let (event_id, _, token, reservation) = pending_reservation(&app).await;
         let before = app.pool(&event_id, 0).await;
         let params = json!({"reservation_id": reservation["id"], "payment_token": "tok_ok", "idempotency_key": "pay-once"});
-        let first = app.call_as(&token, "payments.create", params.clone()).await;
+        let first = app.rpc("payments.create", params.clone(), Some(&token)).await;
         let paid = assert_paid(&first, &reservation);
-        let second = app.call_as(&token, "payments.create", params).await;
+        let second = app.rpc("payments.create", params, Some(&token)).await;
         assert!(second["error"].is_null(), "a retry is not RESERVATION_NOT_PENDING: {second}");
         assert_eq!(second["result"], paid, "the same payment, not a second one");
         assert_eq!(app.pool(&event_id, 0).await, before);
@@ -172,19 +172,19 @@ backend_tests! {
         let (_, tt, token, reservation) = pending_reservation(&app).await;
         let other_reservation = reserve(&app, &token, &tt, 1).await;
         let params = json!({"reservation_id": reservation["id"], "payment_token": "tok_ok", "idempotency_key": "pay-key"});
-        let first = app.call_as(&token, "payments.create", params.clone()).await;
+        let first = app.rpc("payments.create", params.clone(), Some(&token)).await;
         let paid = assert_paid(&first, &reservation);
 
         let other_id = json!({"reservation_id": other_reservation["id"], "payment_token": "tok_ok", "idempotency_key": "pay-key"});
-        let response = app.call_as(&token, "payments.create", other_id).await;
+        let response = app.rpc("payments.create", other_id, Some(&token)).await;
         assert_error(&response, 2005, "IDEMPOTENCY_CONFLICT");
         assert_eq!(get(&app, &token, &other_reservation["id"]).await, other_reservation, "not paid");
 
         let other_token = json!({"reservation_id": reservation["id"], "payment_token": "tok_declined", "idempotency_key": "pay-key"});
-        let response = app.call_as(&token, "payments.create", other_token).await;
+        let response = app.rpc("payments.create", other_token, Some(&token)).await;
         assert_error(&response, 2005, "IDEMPOTENCY_CONFLICT");
 
-        assert_eq!(app.call_as(&token, "payments.create", params).await["result"], paid);
+        assert_eq!(app.rpc("payments.create", params, Some(&token)).await["result"], paid);
         let response = pay(&app, &token, &other_reservation["id"], "tok_ok").await;
         assert_paid(&response, &other_reservation);
     }
@@ -288,7 +288,7 @@ mod short_ttl {
             let response = pay(&app, &token, &doomed["id"], "tok_ok").await;
             assert_error(&response, 2003, "RESERVATION_EXPIRED");
             let response = app
-                .call_as(&token, "reservations.cancel", json!({"reservation_id": doomed["id"]}))
+                .rpc("reservations.cancel", json!({"reservation_id": doomed["id"]}), Some(&token))
                 .await;
             assert_error(&response, 2003, "RESERVATION_EXPIRED");
             assert_eq!(get(&app, &token, &doomed["id"]).await, expected);

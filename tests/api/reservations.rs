@@ -21,8 +21,12 @@ fn reserve_params(items: &[(&Value, u64)]) -> Value {
 
 /// `tickets.reserve` of one item as the token's user; the whole response.
 async fn reserve(app: &TestApp, token: &str, tt: &Value, quantity: u64) -> Value {
-    app.call_as(token, "tickets.reserve", reserve_params(&[(tt, quantity)]))
-        .await
+    app.rpc(
+        "tickets.reserve",
+        reserve_params(&[(tt, quantity)]),
+        Some(token),
+    )
+    .await
 }
 
 /// `tickets.reserve` of one item that must succeed; the reservation.
@@ -112,7 +116,7 @@ backend_tests! {
 
         // The second item is short: nothing is taken from the first.
         let response = app
-            .call_as(&token, "tickets.reserve", reserve_params(&[(&tts[0], 3), (&tts[1], 3)]))
+            .rpc("tickets.reserve", reserve_params(&[(&tts[0], 3), (&tts[1], 3)]), Some(&token))
             .await;
         assert_error(&response, 2001, "INSUFFICIENT_TICKETS");
         assert_eq!(response["error"]["data"]["ticket_type_id"], tts[1], "{response}");
@@ -120,7 +124,7 @@ backend_tests! {
 
         // The second item breaks its rule: nothing is taken from the first.
         let response = app
-            .call_as(&token, "tickets.reserve", reserve_params(&[(&tts[0], 3), (&tts[2], 3)]))
+            .rpc("tickets.reserve", reserve_params(&[(&tts[0], 3), (&tts[2], 3)]), Some(&token))
             .await;
         assert_error(&response, 2002, "RULE_VIOLATION");
         assert_eq!(response["error"]["data"]["ticket_type_id"], tts[2], "{response}");
@@ -128,7 +132,7 @@ backend_tests! {
         // The second item does not exist: nothing is taken from the first.
         let unknown = json!(UNKNOWN_ID);
         let response = app
-            .call_as(&token, "tickets.reserve", reserve_params(&[(&tts[0], 3), (&unknown, 1)]))
+            .rpc("tickets.reserve", reserve_params(&[(&tts[0], 3), (&unknown, 1)]), Some(&token))
             .await;
         assert_error(&response, 1004, "NOT_FOUND");
 
@@ -149,13 +153,13 @@ backend_tests! {
         let (event_id, tts) = app.create_pools(&admin, &types).await;
         let (_, token) = app.quick_customer().await;
 
-        let response = app.call_as(&token, "tickets.reserve", json!({"items": []})).await;
+        let response = app.rpc("tickets.reserve", json!({"items": []}), Some(&token)).await;
         assert_invalid_params(&response, "items");
-        let response = app.call_as(&token, "tickets.reserve", json!({})).await;
+        let response = app.rpc("tickets.reserve", json!({}), Some(&token)).await;
         assert_invalid_params(&response, "items");
 
         let all: Vec<(&Value, u64)> = tts.iter().map(|tt| (tt, 1)).collect();
-        let response = app.call_as(&token, "tickets.reserve", reserve_params(&all)).await;
+        let response = app.rpc("tickets.reserve", reserve_params(&all), Some(&token)).await;
         assert_invalid_params(&response, "items");
         for i in 0..21 {
             assert_eq!(app.pool(&event_id, i).await.0, 5, "nothing taken from T{i}");
@@ -178,7 +182,7 @@ backend_tests! {
         let (_, token) = app.quick_customer().await;
         for quantity in [json!(0), json!(-1), json!(1.5), json!(2_147_483_648u64), json!("2"), json!(null)] {
             let params = json!({"items": [{"ticket_type_id": tts[0], "quantity": quantity}]});
-            let response = app.call_as(&token, "tickets.reserve", params).await;
+            let response = app.rpc("tickets.reserve", params, Some(&token)).await;
             assert_invalid_params(&response, "items[0].quantity");
         }
         // The field names the offending item.
@@ -186,7 +190,7 @@ backend_tests! {
             {"ticket_type_id": tts[0], "quantity": 1},
             {"ticket_type_id": tts[1], "quantity": 0},
         ]});
-        let response = app.call_as(&token, "tickets.reserve", params).await;
+        let response = app.rpc("tickets.reserve", params, Some(&token)).await;
         assert_invalid_params(&response, "items[1].quantity");
         // 2³¹−1 is a valid quantity, just more than there is.
         let response = reserve(&app, &token, &tts[0], 2_147_483_647).await;
@@ -201,7 +205,7 @@ backend_tests! {
         let before = app.pool(&event_id, 0).await;
         let (_, token) = app.quick_customer().await;
         let response = app
-            .call_as(&token, "tickets.reserve", reserve_params(&[(&tt, 1), (&tt, 2)]))
+            .rpc("tickets.reserve", reserve_params(&[(&tt, 1), (&tt, 2)]), Some(&token))
             .await;
         assert_invalid_params(&response, "items[1].ticket_type_id");
         assert_eq!(app.pool(&event_id, 0).await, before);
@@ -213,7 +217,7 @@ backend_tests! {
         let before = (app.pool(&first_event, 0).await, app.pool(&second_event, 0).await);
         let (_, token) = app.quick_customer().await;
         let response = app
-            .call_as(&token, "tickets.reserve", reserve_params(&[(&first, 1), (&second, 1)]))
+            .rpc("tickets.reserve", reserve_params(&[(&first, 1), (&second, 1)]), Some(&token))
             .await;
         assert_invalid_params(&response, "items[1].ticket_type_id");
         assert_eq!((app.pool(&first_event, 0).await, app.pool(&second_event, 0).await), before);
@@ -330,15 +334,15 @@ backend_tests! {
         assert_eq!(got, reservation);
 
         let someone_elses = app
-            .call_as(&other, "reservations.get", json!({"reservation_id": reservation["id"]}))
+            .rpc("reservations.get", json!({"reservation_id": reservation["id"]}), Some(&other))
             .await;
         assert_error(&someone_elses, 1004, "NOT_FOUND");
         let unknown = app
-            .call_as(&other, "reservations.get", json!({"reservation_id": UNKNOWN_ID}))
+            .rpc("reservations.get", json!({"reservation_id": UNKNOWN_ID}), Some(&other))
             .await;
         assert_eq!(someone_elses["error"], unknown["error"], "indistinguishable from an unknown id");
         let garbage = app
-            .call_as(&other, "reservations.get", json!({"reservation_id": "not-an-id"}))
+            .rpc("reservations.get", json!({"reservation_id": "not-an-id"}), Some(&other))
             .await;
         assert_eq!(garbage["error"], unknown["error"]);
     }
@@ -378,7 +382,7 @@ backend_tests! {
     async fn list_with_an_unknown_status_is_invalid_params(app) {
         let (_, token) = app.quick_customer().await;
         for status in [json!("bogus"), json!("PENDING"), json!(1)] {
-            let response = app.call_as(&token, "reservations.list", json!({"status": status})).await;
+            let response = app.rpc("reservations.list", json!({"status": status}), Some(&token)).await;
             assert_invalid_params(&response, "status");
         }
     }
@@ -404,7 +408,7 @@ backend_tests! {
         assert_eq!(got, expected);
 
         let again = app
-            .call_as(&token, "reservations.cancel", json!({"reservation_id": reservation["id"]}))
+            .rpc("reservations.cancel", json!({"reservation_id": reservation["id"]}), Some(&token))
             .await;
         assert_error(&again, 2004, "RESERVATION_NOT_PENDING");
         assert_eq!(app.pool(&event_id, 0).await, (10, version + 2));
@@ -417,11 +421,11 @@ backend_tests! {
         let reservation = reserved(&app, &owner, &tt, 4).await;
         let before = app.pool(&event_id, 0).await;
         let response = app
-            .call_as(&other, "reservations.cancel", json!({"reservation_id": reservation["id"]}))
+            .rpc("reservations.cancel", json!({"reservation_id": reservation["id"]}), Some(&other))
             .await;
         assert_error(&response, 1004, "NOT_FOUND");
         let unknown = app
-            .call_as(&other, "reservations.cancel", json!({"reservation_id": UNKNOWN_ID}))
+            .rpc("reservations.cancel", json!({"reservation_id": UNKNOWN_ID}), Some(&other))
             .await;
         assert_eq!(response["error"], unknown["error"]);
         assert_eq!(app.pool(&event_id, 0).await, before);
@@ -451,7 +455,7 @@ backend_tests! {
         let first = app.ok_as(&token, "tickets.reserve", params.clone()).await;
         let before = app.pool(&event_id, 0).await;
         let other_items = json!({"items": [{"ticket_type_id": tt, "quantity": 3}], "idempotency_key": "k-1"});
-        let response = app.call_as(&token, "tickets.reserve", other_items).await;
+        let response = app.rpc("tickets.reserve", other_items, Some(&token)).await;
         assert_error(&response, 2005, "IDEMPOTENCY_CONFLICT");
         assert_eq!(app.pool(&event_id, 0).await, before, "nothing taken");
         // The key still answers with the first result.
@@ -471,7 +475,7 @@ backend_tests! {
         assert_eq!(his["status"], "pending");
         assert_eq!(app.pool(&event_id, 0).await, (6, version + 2));
         let other_items = json!({"items": [{"ticket_type_id": tt, "quantity": 1}], "idempotency_key": "other-key"});
-        let response = app.call_as(&bob, "tickets.reserve", other_items).await;
+        let response = app.rpc("tickets.reserve", other_items, Some(&bob)).await;
         assert!(response["error"].is_null(), "{response}");
     }
 

@@ -592,7 +592,7 @@ mod sessions {
                     .await
                     .unwrap();
                 assert_eq!(not_bearer.status(), 401);
-                assert_eq!(app.app.long_polls.len(), 0, "no session was opened");
+                assert_eq!(app.long_poll_sessions(), 0, "no session was opened");
             },
         )
         .await;
@@ -647,7 +647,7 @@ mod sessions {
                 let (status, body) = session.delete_raw().await;
                 assert_eq!((status, body), (204, Value::Null));
                 assert_gone(&app, &session.session).await;
-                assert_eq!(app.app.long_polls.len(), 0);
+                assert_eq!(app.long_poll_sessions(), 0);
                 poll_until(
                     Duration::from_secs(5),
                     "the subscription to be freed",
@@ -698,7 +698,7 @@ mod sessions {
                     all_and.count_ones() < 8 && all_or.count_ones() > 120,
                     "{all_and:x} {all_or:x}"
                 );
-                assert_eq!(app.app.long_polls.len(), 64);
+                assert_eq!(app.long_poll_sessions(), 64);
             },
         )
         .await;
@@ -733,9 +733,12 @@ mod sessions {
                         (answer, started.elapsed())
                     }
                 });
-                // Two requests on two connections: give the first a head start so the server
-                // sees it first (its waiting is not observable from outside).
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Two requests on two connections: the second is sent once the server has
+                // the first waiting.
+                poll_until(Duration::from_secs(10), "the first GET to wait", || async {
+                    (app.app.metrics.gets_waiting() == 1).then_some(())
+                })
+                .await;
                 assert!(!first.is_finished(), "the first GET waits: nothing is new");
                 let second = tokio::spawn({
                     let session = LongPollClient::clone_handle(&session);
@@ -781,23 +784,26 @@ mod sessions {
             busy.ok("pool.subscribe", json!({"event_id": event_id}))
                 .await;
             assert_eq!(app.app.fanout.subscription_count(), 2);
-            // The busy one makes a call every 200 ms, and lives on.
+            // The busy one keeps making calls, and lives on.
             let started = tokio::time::Instant::now();
-            while app.app.long_polls.len() == 2 {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "the idle session never expired"
-                );
-                busy.ok("events.list", json!({})).await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let busy = tokio::sync::Mutex::new(busy);
+            poll_until(
+                Duration::from_secs(10),
+                "the idle session to expire",
+                || async {
+                    busy.lock().await.ok("events.list", json!({})).await;
+                    (app.long_poll_sessions() == 1).then_some(())
+                },
+            )
+            .await;
+            let mut busy = busy.into_inner();
             assert!(
                 started.elapsed() >= Duration::from_secs(1),
                 "expired after {:?}",
                 started.elapsed()
             );
             assert_gone(&app, &idle.session).await;
-            assert_eq!(app.app.long_polls.len(), 1);
+            assert_eq!(app.long_poll_sessions(), 1);
             poll_until(
                 Duration::from_secs(5),
                 "the idle session's subscription to be freed",
@@ -810,7 +816,7 @@ mod sessions {
                 Duration::from_secs(10),
                 "every session to expire",
                 || async {
-                    (app.app.long_polls.is_empty() && app.app.fanout.subscription_count() == 0)
+                    ((app.long_poll_sessions() == 0) && app.app.fanout.subscription_count() == 0)
                         .then_some(())
                 },
             )
