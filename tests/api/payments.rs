@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::backend_tests;
-use crate::harness::{assert_error, assert_reservation_shape, TestApp};
+use crate::harness::{assert_error, assert_reservation_shape, sorted_keys, TestApp};
 
 const UNKNOWN_ID: &str = "01a211e2-7aa6-7695-9737-080466ac3436";
 
@@ -53,22 +53,10 @@ async fn get(app: &TestApp, token: &str, reservation_id: &Value) -> Value {
 fn assert_paid(response: &Value, reservation: &Value) -> Value {
     assert!(response["error"].is_null(), "{response}");
     let result = &response["result"];
-    let mut keys: Vec<&str> = result
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    keys.sort_unstable();
+    let keys = sorted_keys(result);
     assert_eq!(keys, ["payment", "reservation"], "{result}");
     let payment = &result["payment"];
-    let mut keys: Vec<&str> = payment
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    keys.sort_unstable();
+    let keys = sorted_keys(payment);
     assert_eq!(
         keys,
         ["amount", "id", "reservation_id", "status"],

@@ -42,15 +42,22 @@ pub fn millis(time: &Value) -> i64 {
         .as_millis()
 }
 
+/// The keys of a JSON object, sorted, for asserting that it has exactly the fields expected.
+#[track_caller]
+pub fn sorted_keys(value: &Value) -> Vec<&str> {
+    let object = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"));
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys
+}
+
 /// Asserts the shape of a `Reservation` (PROTOCOL §5): exactly its fields, money objects,
 /// items with positive quantities, `total` = Σ `unit_price` × `quantity`.
 #[track_caller]
 pub fn assert_reservation_shape(reservation: &Value) {
-    let object = reservation
-        .as_object()
-        .unwrap_or_else(|| panic!("not an object: {reservation}"));
-    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
-    keys.sort_unstable();
+    let keys = sorted_keys(reservation);
     assert_eq!(
         keys,
         [
@@ -74,13 +81,7 @@ pub fn assert_reservation_shape(reservation: &Value) {
     let currency = reservation["total"]["currency"].clone();
     let mut sum = 0i64;
     for item in reservation["items"].as_array().expect("items") {
-        let mut keys: Vec<&str> = item
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        keys.sort_unstable();
+        let keys = sorted_keys(item);
         assert_eq!(
             keys,
             ["quantity", "ticket_type_id", "unit_price"],
