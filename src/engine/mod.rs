@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod notify;
 pub mod payments;
 pub mod ports;
+pub mod recovery;
 #[cfg(test)]
 mod tests;
 
@@ -424,14 +425,6 @@ impl Engine {
                 Ok(_) => EngineError::NotFound,
                 Err(error) => error.into(),
             },
-        }
-    }
-
-    /// Recovery: puts a pending reservation loaded from storage back under expiry.
-    pub fn restore(&self, reservation: Reservation) {
-        let (id, expires_at) = (reservation.id, reservation.expires_at);
-        if self.inventory.restore_pending(reservation) {
-            self.expiry.schedule(id, expires_at);
         }
     }
 
