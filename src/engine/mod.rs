@@ -21,7 +21,7 @@ use async_trait::async_trait;
 
 use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
-use crate::core::{Clock, PaymentId, PaymentToken, ReservationId, TicketTypeId, UserId};
+use crate::core::{Clock, PaymentId, PaymentToken, ReservationId, ReserveItems, UserId};
 use crate::expiry::sweeper::Releases;
 use crate::expiry::Expiry;
 use crate::store::{Change, PaymentRecord, StoreError};
@@ -84,7 +84,7 @@ pub trait ReservationService: Send + Sync + 'static {
     async fn reserve(
         &self,
         user: UserId,
-        items: Vec<(TicketTypeId, u32)>,
+        items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError>;
     /// The user's reservation; another user's is `NotFound`.
@@ -111,7 +111,7 @@ impl ReservationService for Engine {
     async fn reserve(
         &self,
         user: UserId,
-        items: Vec<(TicketTypeId, u32)>,
+        items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError> {
         Engine::reserve(self, user, items, key).await
@@ -213,7 +213,7 @@ impl Engine {
     pub async fn reserve(
         &self,
         user: UserId,
-        items: Vec<(TicketTypeId, u32)>,
+        items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError> {
         self.refuse_while_down()?;

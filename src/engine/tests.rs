@@ -18,8 +18,8 @@ use super::{Engine, EngineError, EngineParts};
 use crate::core::inventory::{Inventory, PoolState};
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{
-    Clock, Currency, Event, EventId, IdempotencyKey, Money, PaymentToken, ReservationId, Rule,
-    TicketType, TicketTypeId, Timestamp, UserId,
+    Clock, Currency, Event, EventId, IdempotencyKey, Money, PaymentToken, Quantity, ReservationId,
+    ReserveItems, Rule, TicketType, TicketTypeId, Timestamp, UserId,
 };
 use crate::expiry::Expiry;
 use crate::store::writer::WriteError;
@@ -307,6 +307,10 @@ fn setup(capacity: u32) -> Setup {
 }
 
 impl Setup {
+    fn items(&self, quantity: u32) -> ReserveItems {
+        ReserveItems::new(vec![(self.ticket_type, Quantity::new(quantity).unwrap())]).unwrap()
+    }
+
     fn available(&self) -> u32 {
         self.inventory.pools(self.event_id).unwrap()[0].available
     }
@@ -314,7 +318,7 @@ impl Setup {
     async fn reserve(&self, user: UserId, quantity: u32) -> Result<Reservation, EngineError> {
         match self
             .engine
-            .reserve(user, vec![(self.ticket_type, quantity)], None)
+            .reserve(user, self.items(quantity), None)
             .await?
         {
             Idempotent::Fresh(reservation) => Ok(reservation),
@@ -472,7 +476,7 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
     };
     let Idempotent::Fresh(first) = s
         .engine
-        .reserve(user, vec![(s.ticket_type, 2)], Some(call(2)))
+        .reserve(user, s.items(2), Some(call(2)))
         .await
         .unwrap()
     else {
@@ -480,15 +484,12 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
     };
     let again = s
         .engine
-        .reserve(user, vec![(s.ticket_type, 2)], Some(call(2)))
+        .reserve(user, s.items(2), Some(call(2)))
         .await
         .unwrap();
     assert!(matches!(&again, Idempotent::Replayed(text) if *text == first.id.to_string()));
     assert_eq!(s.available(), 8, "the replay took nothing");
-    let other = s
-        .engine
-        .reserve(user, vec![(s.ticket_type, 3)], Some(call(3)))
-        .await;
+    let other = s.engine.reserve(user, s.items(3), Some(call(3))).await;
     assert!(
         matches!(other, Err(EngineError::IdempotencyConflict)),
         "{other:?}"
@@ -496,7 +497,7 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
     // Keys are per user: another user's same key is a call of its own.
     let stranger = s
         .engine
-        .reserve(UserId::new(), vec![(s.ticket_type, 2)], Some(call(2)))
+        .reserve(UserId::new(), s.items(2), Some(call(2)))
         .await
         .unwrap();
     assert!(matches!(stranger, Idempotent::Fresh(_)));
