@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ticket_api::core::{
-    Currency, Event, EventId, Inventory, Money, ReservationId, ReserveRequest, Rule, TicketType,
-    TicketTypeId, Timestamp, UserId, MAX_COUNT,
+    Currency, Event, EventId, Inventory, Money, Quantity, ReservationId, ReserveItems,
+    ReserveRequest, Rule, TicketType, TicketTypeId, Timestamp, UserId, MAX_COUNT,
 };
 
 /// Reservations each thread takes between two refills.
@@ -69,6 +69,7 @@ fn run(
 ) -> Duration {
     let now = Timestamp::from_millis(1_700_000_000_000);
     let ttl = Duration::from_secs(15 * 60);
+    let one = ReserveItems::new(vec![(ticket_type, Quantity::new(1).unwrap())]).unwrap();
     let batches = iters.div_ceil(BATCH);
     // Workers and this thread meet before and after every timed batch.
     let barrier = Barrier::new(threads + 1);
@@ -85,7 +86,7 @@ fn run(
                         let reserved = inventory.reserve(ReserveRequest {
                             id,
                             user_id: user,
-                            items: vec![(ticket_type, 1)],
+                            items: one.clone(),
                             now,
                             ttl,
                         });

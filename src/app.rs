@@ -1,6 +1,7 @@
 //! Wiring: builds the application from the settings. The only place that knows which
 //! concrete storage, expiry, payment and notification implementations are in use.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,13 +13,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Accounts, Passwords, Tokens};
-use crate::catalog::{Catalog, CatalogService, CreateEventError, FieldError};
+use crate::catalog::{Catalog, CatalogService, CreateEventError, EventRecords, FieldError};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
 use crate::core::reservation::{Reservation, Status};
-use crate::core::{Clock, ReservationId, SystemClock, Timestamp, UserId};
+use crate::core::{
+    Clock, Event, EventId, ReservationId, SystemClock, TicketTypeId, Timestamp, UserId,
+};
 use crate::engine::payments::TestPayments;
-use crate::engine::ports::{Commits, Records};
+use crate::engine::ports::{Commits, Records, RecoverySource};
 use crate::engine::{Engine, EngineParts};
 use crate::expiry::{sweeper, Deliveries, ExpiryStartError, DUE_CAPACITY};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
@@ -143,7 +146,7 @@ impl App {
         let tokens = Tokens::new(secret.as_bytes(), settings.token_ttl);
         let passwords = Passwords::new(std::thread::available_parallelism().map_or(2, |n| n.get()));
         let catalog = Arc::new(Catalog::new(
-            store.clone(),
+            Arc::new(store.clone()),
             Arc::clone(&inventory),
             Arc::clone(&clock),
         ));
@@ -223,34 +226,13 @@ impl App {
         Ok(app)
     }
 
-    /// Availability is `capacity − pending − paid`, and every pending reservation goes back
-    /// under expiry with its own `expires_at` (an overdue one is released at once).
+    /// Rebuilds availability and puts pending reservations back under expiry
+    /// (`engine::recovery`), from the database.
     async fn recover(&self) -> Result<(), StoreError> {
-        let epochs = self.store.take_over_events().await?;
-        let held = self.store.held_per_ticket_type().await?;
-        for event in self.store.load_events().await? {
-            let epoch = epochs.get(&event.id).copied().unwrap_or(0);
-            let available: Vec<u32> = event
-                .ticket_types
-                .iter()
-                .map(|tt| {
-                    let taken = held.get(&tt.id).copied().unwrap_or(0);
-                    if taken > u64::from(tt.capacity) {
-                        tracing::error!(ticket_type = %tt.id, taken, capacity = tt.capacity, "more tickets held than exist");
-                    }
-                    u64::from(tt.capacity).saturating_sub(taken) as u32
-                })
-                .collect();
-            self.inventory
-                .insert_event_at(event, &available, first_version(epoch));
-        }
-        let pending = self.store.pending_reservations().await?;
-        let count = pending.len();
-        for reservation in pending {
-            self.engine.restore(reservation);
-        }
+        let recovered = self.engine.recover(&self.store).await?;
         tracing::info!(
-            pending = count,
+            events = recovered.events,
+            pending = recovered.pending,
             "recovered availability and pending reservations"
         );
         Ok(())
@@ -294,13 +276,6 @@ impl App {
         self.writer_store.close().await;
         self.store.close().await;
     }
-}
-
-/// The first pool version of an event in its `epoch`: `epoch * 2^32`. A run then has 2^32
-/// changes per ticket type before it would reach the next epoch's versions, and versions
-/// stay below 2^53 (exact in JavaScript numbers) for 2^21 starts.
-fn first_version(epoch: u64) -> u64 {
-    epoch.saturating_mul(1 << 32)
 }
 
 /// Drops the login budgets of addresses that are back to full, so the table stays small.
@@ -415,5 +390,33 @@ impl Records for Store {
 
     async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError> {
         Store::delete_old_idempotency_keys(self, now).await
+    }
+}
+
+/// Recovery reads the catalog, what is held and what is pending from the database.
+#[async_trait]
+impl RecoverySource for Store {
+    async fn take_over_events(&self) -> Result<HashMap<EventId, u64>, StoreError> {
+        Store::take_over_events(self).await
+    }
+
+    async fn load_events(&self) -> Result<Vec<Event>, StoreError> {
+        Store::load_events(self).await
+    }
+
+    async fn held_per_ticket_type(&self) -> Result<HashMap<TicketTypeId, u64>, StoreError> {
+        Store::held_per_ticket_type(self).await
+    }
+
+    async fn pending_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        Store::pending_reservations(self).await
+    }
+}
+
+/// Created events are stored in the database.
+#[async_trait]
+impl EventRecords for Store {
+    async fn insert_event(&self, event: &Event, now: Timestamp) -> Result<(), StoreError> {
+        Store::insert_event(self, event, now).await
     }
 }

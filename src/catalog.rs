@@ -1,7 +1,8 @@
 //! The catalog: the validation of an event draft (from `admin.events.create`,
 //! `ticket-api events import` or the demo seed), its creation in storage and inventory,
 //! and the reads of events with their live availability, behind the [`CatalogService`]
-//! port the methods use.
+//! port the methods use. Events are stored through the [`EventRecords`] port (the
+//! database, wired in `app.rs`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::core::inventory::{Inventory, PoolState};
 use crate::core::{
     Clock, Currency, Event, EventId, Money, Rule, TicketType, TicketTypeId, Timestamp, MAX_COUNT,
 };
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// Why an event could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -43,15 +44,26 @@ pub trait CatalogService: Send + Sync + 'static {
     async fn create_event(&self, draft: &EventDraft) -> Result<Event, CreateEventError>;
 }
 
+/// Where created events are kept.
+#[async_trait]
+pub trait EventRecords: Send + Sync + 'static {
+    /// Stores an event with its ticket types, all or nothing.
+    async fn insert_event(&self, event: &Event, now: Timestamp) -> Result<(), StoreError>;
+}
+
 /// The catalog of this server: events in storage, their pools in the inventory.
 pub struct Catalog {
-    store: Store,
+    store: Arc<dyn EventRecords>,
     inventory: Arc<Inventory>,
     clock: Arc<dyn Clock>,
 }
 
 impl Catalog {
-    pub fn new(store: Store, inventory: Arc<Inventory>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        store: Arc<dyn EventRecords>,
+        inventory: Arc<Inventory>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             store,
             inventory,
@@ -80,6 +92,7 @@ impl CatalogService for Catalog {
 
     async fn create_event(&self, draft: &EventDraft) -> Result<Event, CreateEventError> {
         let event = draft.validate()?;
+        // Stored first: pools open only for an event that will survive a restart.
         self.store.insert_event(&event, self.clock.now()).await?;
         let available: Vec<u32> = event.ticket_types.iter().map(|tt| tt.capacity).collect();
         self.inventory.insert_event(event.clone(), &available);
@@ -245,8 +258,84 @@ impl EventDraft {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::core::SystemClock;
     use serde_json::json;
+
+    /// Keeps the events it is given, or refuses every one.
+    #[derive(Default)]
+    struct Kept {
+        refuse: bool,
+        events: Mutex<Vec<Event>>,
+    }
+
+    #[async_trait]
+    impl EventRecords for Kept {
+        async fn insert_event(&self, event: &Event, _: Timestamp) -> Result<(), StoreError> {
+            if self.refuse {
+                return Err(StoreError::Database(sqlx::Error::PoolTimedOut));
+            }
+            self.events.lock().unwrap().push(event.clone());
+            Ok(())
+        }
+    }
+
+    fn catalog_over(kept: Arc<Kept>) -> (Catalog, Arc<Inventory>) {
+        let inventory = Arc::new(Inventory::new());
+        let catalog = Catalog::new(kept, Arc::clone(&inventory), Arc::new(SystemClock));
+        (catalog, inventory)
+    }
+
+    fn one_type() -> serde_json::Value {
+        json!([{"name": "A", "price": {"amount": 100, "currency": "EUR"}, "capacity": 7, "rule": {"kind": "any"}}])
+    }
+
+    #[tokio::test]
+    async fn a_created_event_is_stored_and_its_pools_open_full() {
+        let kept = Arc::new(Kept::default());
+        let (catalog, _) = catalog_over(Arc::clone(&kept));
+        let event = catalog.create_event(&draft(one_type())).await.unwrap();
+        assert_eq!(kept.events.lock().unwrap().clone(), vec![event.clone()]);
+        let pools = catalog.pools(event.id).unwrap();
+        assert_eq!(
+            pools
+                .iter()
+                .map(|p| (p.available, p.version))
+                .collect::<Vec<_>>(),
+            vec![(7, 0)]
+        );
+        assert_eq!(catalog.events_after(None, 10).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_event_the_store_refuses_opens_no_pools() {
+        let kept = Arc::new(Kept {
+            refuse: true,
+            ..Kept::default()
+        });
+        let (catalog, inventory) = catalog_over(kept);
+        let refused = catalog.create_event(&draft(one_type())).await;
+        assert!(
+            matches!(refused, Err(CreateEventError::Store(_))),
+            "{refused:?}"
+        );
+        assert!(inventory.events_after(None, 10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_invalid_draft_stores_nothing() {
+        let kept = Arc::new(Kept::default());
+        let (catalog, inventory) = catalog_over(Arc::clone(&kept));
+        let refused = catalog.create_event(&draft(json!([]))).await;
+        assert!(
+            matches!(refused, Err(CreateEventError::Invalid(_))),
+            "{refused:?}"
+        );
+        assert!(kept.events.lock().unwrap().is_empty());
+        assert!(inventory.events_after(None, 10).is_empty());
+    }
 
     fn draft(ticket_types: serde_json::Value) -> EventDraft {
         serde_json::from_value(json!({

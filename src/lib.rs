@@ -8,9 +8,11 @@
 //! app, server, cli        wiring: the only place that knows the concrete implementations
 //!   transport             ws | longpoll | http: framing only
 //!     rpc                 wire types, dispatch, one method table over rpc::Services
-//!       auth, catalog     services behind ports (AccountService, CatalogService)
-//!       engine            the reservation lifecycle (ReservationService); its ports:
-//!                         Commits, Records, Expiry, PaymentAdapter, Notifier, Clock
+//!       auth, catalog     services behind ports (AccountService, CatalogService);
+//!                         the catalog stores events through EventRecords
+//!       engine            the reservation lifecycle (ReservationService) and recovery;
+//!                         its ports: Commits, Records, RecoverySource, Expiry,
+//!                         PaymentAdapter, Notifier, Clock
 //!         fanout          subscriptions, coalesced pool.update, per-connection outboxes
 //!         expiry          Redis TTLs | in-process timer, the sweeper
 //!         store           PostgreSQL | SQLite, the group-commit writer
@@ -26,14 +28,15 @@
 //! - [`auth`]: Argon2id password hashes, HS256 JWTs and the accounts service.
 //! - [`catalog`]: event drafts, their validation and creation, and event reads.
 //! - [`engine`]: the reservation lifecycle over the core, with the writer, storage, expiry,
-//!   payment and notification ports.
+//!   payment and notification ports, and the recovery of the inventory at start.
 //! - [`fanout`]: subscriptions, coalesced `pool.update`s and per-connection outboxes.
 //! - [`expiry`]: when pending reservations fall due (Redis key TTLs or an in-process timer)
 //!   and the sweeper that releases them.
 //! - [`store`]: PostgreSQL or SQLite through sqlx, and the group-commit writer.
 //! - [`shapes`]: the JSON of the domain values and notifications, written down once.
-//! - [`core`]: the domain, free of I/O: catalog, selling rules, inventory and the
-//!   reservation lifecycle.
+//! - [`core`]: the domain, free of I/O: catalog, selling rules, inventory, the
+//!   reservation lifecycle, and the client's inputs as types that hold only valid values
+//!   (email, password, quantity, reservation items, idempotency key, payment token).
 //! - [`app`]: the wiring; [`server`]: routes, binding and graceful shutdown
 //!   ([`server::run`] takes a bound listener so tests can bind port 0).
 

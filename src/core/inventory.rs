@@ -34,8 +34,9 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use super::catalog::{Event, MAX_COUNT};
+use super::catalog::Event;
 use super::ids::{EventId, ReservationId, TicketTypeId, UserId};
+use super::items::{ReserveItems, MAX_ITEMS};
 use super::money::Money;
 use super::reservation::{ReleaseKind, Reservation, ReservationItem, Status};
 use super::rules::{Refusal, Rule};
@@ -43,9 +44,6 @@ use super::time::Timestamp;
 
 #[cfg(test)]
 mod tests;
-
-/// Most items one reservation may have (PROTOCOL §5).
-pub const MAX_ITEMS: usize = 20;
 
 /// The live state of one ticket type, as `pool.subscribe` and `pool.update` carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,14 +55,15 @@ pub struct PoolState {
     pub version: u64,
 }
 
-/// A request to hold tickets, already parsed from the wire but not yet checked.
+/// A request to hold tickets: its items are well formed ([`ReserveItems`]), but not yet
+/// checked against the inventory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReserveRequest {
     /// A fresh id for the reservation (never one that is active).
     pub id: ReservationId,
     pub user_id: UserId,
-    /// `(ticket type, quantity)` in the caller's order; error indexes refer to this order.
-    pub items: Vec<(TicketTypeId, u32)>,
+    /// In the caller's order; error indexes refer to this order.
+    pub items: ReserveItems,
     pub now: Timestamp,
     /// How long the tickets are held: `expires_at = now + ttl`.
     pub ttl: Duration,
@@ -78,19 +77,10 @@ pub struct Reserved {
 }
 
 /// Why nothing was reserved. Checked in the order of the variants below, item by item; the
-/// first failure wins and nothing is taken.
+/// first failure wins and nothing is taken. (The shape of the items, their count, quantities
+/// and repeats, is [`ReserveItems`]'s to check.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReserveError {
-    #[error("no items")]
-    NoItems,
-    #[error("more than {MAX_ITEMS} items")]
-    TooManyItems,
-    #[error("items[{index}].quantity is zero")]
-    ZeroQuantity { index: usize },
-    #[error("items[{index}].quantity is larger than {MAX_COUNT}")]
-    QuantityTooLarge { index: usize },
-    #[error("items[{index}].ticket_type_id appears twice")]
-    DuplicateTicketType { index: usize },
     #[error("items[{index}].ticket_type_id is not a known ticket type")]
     UnknownTicketType { index: usize },
     /// Item `index` is of another event than `items[0]`.
@@ -419,12 +409,12 @@ impl Inventory {
         self.ticket_types.get(&id).map(|entry| *entry.value())
     }
 
-    /// Holds tickets, all or nothing. Checks, in this order: the number of items; then per
-    /// item in order its quantity, that its ticket type is not repeated, known, and of the
-    /// event of `items[0]`; then, under the event's lock, per item in order, availability and
-    /// the selling rule ([`Rule::check`]); then that the total is representable. Only then
-    /// takes every item, bumps each touched pool's version by one and records the reservation
-    /// as pending until `now + ttl`, at the ticket types' current prices.
+    /// Holds tickets, all or nothing. Checks, in this order: per item in order, that its
+    /// ticket type is known and of the event of `items[0]`; then, under the event's lock, per
+    /// item in order, availability and the selling rule ([`Rule::check`]); then that the
+    /// total is representable. Only then takes every item, bumps each touched pool's version
+    /// by one and records the reservation as pending until `now + ttl`, at the ticket types'
+    /// current prices.
     ///
     /// If the caller then fails to commit it, [`unreserve`](Self::unreserve) undoes it.
     ///
@@ -448,10 +438,10 @@ impl Inventory {
 
         // The catalog is immutable: read the prices before taking the lock.
         let mut lines = Vec::with_capacity(items.len());
-        for (&(ticket_type_id, quantity), &position) in items.iter().zip(positions) {
+        for (&(ticket_type_id, quantity), &position) in items.as_slice().iter().zip(positions) {
             lines.push(ReservationItem {
                 ticket_type_id,
-                quantity,
+                quantity: quantity.get(),
                 unit_price: state.event.ticket_types[position].price,
             });
         }
@@ -515,29 +505,11 @@ impl Inventory {
     /// fills `positions[i]` with the index of item `i`'s ticket type in it.
     fn check_items(
         &self,
-        items: &[(TicketTypeId, u32)],
+        items: &ReserveItems,
         positions: &mut [usize; MAX_ITEMS],
     ) -> Result<EventId, ReserveError> {
-        if items.is_empty() {
-            return Err(ReserveError::NoItems);
-        }
-        if items.len() > MAX_ITEMS {
-            return Err(ReserveError::TooManyItems);
-        }
         let mut event_id = None;
-        for (index, &(ticket_type_id, quantity)) in items.iter().enumerate() {
-            if quantity == 0 {
-                return Err(ReserveError::ZeroQuantity { index });
-            }
-            if quantity > MAX_COUNT {
-                return Err(ReserveError::QuantityTooLarge { index });
-            }
-            if items[..index]
-                .iter()
-                .any(|&(seen, _)| seen == ticket_type_id)
-            {
-                return Err(ReserveError::DuplicateTicketType { index });
-            }
+        for (index, &(ticket_type_id, _)) in items.as_slice().iter().enumerate() {
             let pool = self
                 .pool_ref(ticket_type_id)
                 .ok_or(ReserveError::UnknownTicketType { index })?;
@@ -546,7 +518,7 @@ impl Inventory {
             }
             positions[index] = pool.position;
         }
-        Ok(event_id.expect("items is not empty"))
+        Ok(event_id.expect("ReserveItems is never empty"))
     }
 
     /// Undoes a [`reserve`](Self::reserve) whose commit failed: forgets the reservation, in

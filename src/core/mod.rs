@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod ids;
 pub mod inventory;
+pub mod items;
 pub mod money;
 pub mod reservation;
 pub mod rules;
@@ -17,9 +18,8 @@ pub mod user;
 
 pub use catalog::{Event, TicketType, MAX_COUNT};
 pub use ids::{EventId, InvalidId, PaymentId, ReservationId, TicketTypeId, UserId};
-pub use inventory::{
-    ChangeError, Inventory, PoolState, ReserveError, ReserveRequest, Reserved, MAX_ITEMS,
-};
+pub use inventory::{ChangeError, Inventory, PoolState, ReserveError, ReserveRequest, Reserved};
+pub use items::{BadQuantity, ItemsError, Quantity, ReserveItems, MAX_ITEMS};
 pub use money::{Currency, Money};
 pub use reservation::{InvalidStatus, ReleaseKind, Reservation, ReservationItem, Status};
 pub use rules::{Refusal, Rule};

@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod notify;
 pub mod payments;
 pub mod ports;
+pub mod recovery;
 #[cfg(test)]
 mod tests;
 
@@ -20,7 +21,7 @@ use async_trait::async_trait;
 
 use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
-use crate::core::{Clock, PaymentId, PaymentToken, ReservationId, TicketTypeId, UserId};
+use crate::core::{Clock, PaymentId, PaymentToken, ReservationId, ReserveItems, UserId};
 use crate::expiry::sweeper::Releases;
 use crate::expiry::Expiry;
 use crate::store::{Change, PaymentRecord, StoreError};
@@ -83,7 +84,7 @@ pub trait ReservationService: Send + Sync + 'static {
     async fn reserve(
         &self,
         user: UserId,
-        items: Vec<(TicketTypeId, u32)>,
+        items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError>;
     /// The user's reservation; another user's is `NotFound`.
@@ -110,7 +111,7 @@ impl ReservationService for Engine {
     async fn reserve(
         &self,
         user: UserId,
-        items: Vec<(TicketTypeId, u32)>,
+        items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError> {
         Engine::reserve(self, user, items, key).await
@@ -212,7 +213,7 @@ impl Engine {
     pub async fn reserve(
         &self,
         user: UserId,
-        items: Vec<(TicketTypeId, u32)>,
+        items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError> {
         self.refuse_while_down()?;
@@ -424,14 +425,6 @@ impl Engine {
                 Ok(_) => EngineError::NotFound,
                 Err(error) => error.into(),
             },
-        }
-    }
-
-    /// Recovery: puts a pending reservation loaded from storage back under expiry.
-    pub fn restore(&self, reservation: Reservation) {
-        let (id, expires_at) = (reservation.id, reservation.expires_at);
-        if self.inventory.restore_pending(reservation) {
-            self.expiry.schedule(id, expires_at);
         }
     }
 

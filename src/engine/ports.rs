@@ -1,11 +1,13 @@
-//! The engine's storage ports: the writer it commits changes through, and the reads it
-//! makes of what is committed. The database behind them is wired in `app.rs`; unit tests
-//! put fakes here.
+//! The engine's storage ports: the writer it commits changes through, the reads it makes
+//! of what is committed, and what recovery reads at start. The database behind them is
+//! wired in `app.rs`; unit tests put fakes here.
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 
 use crate::core::reservation::{Reservation, Status};
-use crate::core::{ReservationId, Timestamp, UserId};
+use crate::core::{Event, EventId, ReservationId, TicketTypeId, Timestamp, UserId};
 use crate::store::writer::WriteError;
 use crate::store::{Change, IdempotencyRecord, StoreError, StoredIdempotency};
 
@@ -48,4 +50,18 @@ pub trait Records: Send + Sync + 'static {
     ) -> Result<Option<StoredIdempotency>, StoreError>;
     /// Deletes idempotency keys older than 24 hours; returns how many.
     async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError>;
+}
+
+/// What recovery reads at start to rebuild the inventory and the pending reservations.
+#[async_trait]
+pub trait RecoverySource: Send + Sync + 'static {
+    /// Bumps the epoch of every event (this server takes them all over) and returns the
+    /// new epochs, from which pool versions start.
+    async fn take_over_events(&self) -> Result<HashMap<EventId, u64>, StoreError>;
+    /// Every event with its ticket types in their order.
+    async fn load_events(&self) -> Result<Vec<Event>, StoreError>;
+    /// Tickets held per ticket type by pending and paid reservations.
+    async fn held_per_ticket_type(&self) -> Result<HashMap<TicketTypeId, u64>, StoreError>;
+    /// Every pending reservation, oldest first.
+    async fn pending_reservations(&self) -> Result<Vec<Reservation>, StoreError>;
 }

@@ -12,13 +12,14 @@ use tokio::sync::Notify;
 use super::idempotency::{params_hash, Idempotent, KeyedCall};
 use super::notify::Notifier;
 use super::payments::{PaymentAdapter, PaymentError};
-use super::ports::{Commits, Records};
+use super::ports::{Commits, Records, RecoverySource};
+use super::recovery::first_version;
 use super::{Engine, EngineError, EngineParts};
 use crate::core::inventory::{Inventory, PoolState};
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{
-    Clock, Currency, Event, EventId, IdempotencyKey, Money, PaymentToken, ReservationId, Rule,
-    TicketType, TicketTypeId, Timestamp, UserId,
+    Clock, Currency, Event, EventId, IdempotencyKey, Money, PaymentToken, Quantity, ReservationId,
+    ReserveItems, Rule, TicketType, TicketTypeId, Timestamp, UserId,
 };
 use crate::expiry::Expiry;
 use crate::store::writer::WriteError;
@@ -52,6 +53,8 @@ enum Outcome {
 /// A writer and database in memory: committed changes become records the reads return.
 struct Database {
     outcome: Mutex<Outcome>,
+    events: Mutex<Vec<Event>>,
+    epochs: Mutex<HashMap<EventId, u64>>,
     committed: Mutex<Vec<Change>>,
     reservations: Mutex<HashMap<ReservationId, Reservation>>,
     keys: Mutex<HashMap<(UserId, String, String), StoredIdempotency>>,
@@ -61,6 +64,8 @@ impl Database {
     fn new() -> Arc<Self> {
         Arc::new(Self {
             outcome: Mutex::new(Outcome::Commit),
+            events: Mutex::default(),
+            epochs: Mutex::default(),
             committed: Mutex::default(),
             reservations: Mutex::default(),
             keys: Mutex::default(),
@@ -154,6 +159,40 @@ impl Records for Database {
     }
 }
 
+/// Recovery reads what the fake database holds, as the SQL of `store` does.
+#[async_trait]
+impl RecoverySource for Database {
+    async fn take_over_events(&self) -> Result<HashMap<EventId, u64>, StoreError> {
+        let mut epochs = self.epochs.lock().unwrap();
+        for event in self.events.lock().unwrap().iter() {
+            *epochs.entry(event.id).or_default() += 1;
+        }
+        Ok(epochs.clone())
+    }
+    async fn load_events(&self) -> Result<Vec<Event>, StoreError> {
+        Ok(self.events.lock().unwrap().clone())
+    }
+    async fn held_per_ticket_type(&self) -> Result<HashMap<TicketTypeId, u64>, StoreError> {
+        let mut held = HashMap::new();
+        for r in self.reservations.lock().unwrap().values() {
+            if matches!(r.status, Status::Pending | Status::Paid) {
+                for item in &r.items {
+                    *held.entry(item.ticket_type_id).or_default() += u64::from(item.quantity);
+                }
+            }
+        }
+        Ok(held)
+    }
+    async fn pending_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        let mut pending: Vec<Reservation> = (self.reservations.lock().unwrap().values())
+            .filter(|r| r.status == Status::Pending)
+            .cloned()
+            .collect();
+        pending.sort_by_key(|r| r.created_at);
+        Ok(pending)
+    }
+}
+
 /// Remembers what is scheduled.
 #[derive(Default)]
 struct Schedule(Mutex<HashMap<ReservationId, Timestamp>>);
@@ -219,24 +258,23 @@ fn setup(capacity: u32) -> Setup {
     let event_id = EventId::new();
     let ticket_type = TicketTypeId::new();
     let inventory = Arc::new(Inventory::new());
-    inventory.insert_event(
-        Event {
-            id: event_id,
-            name: "Gig".into(),
-            starts_at: Timestamp::from_millis(2_000_000_000_000),
-            venue: None,
-            ticket_types: vec![TicketType {
-                id: ticket_type,
-                event_id,
-                name: "Standing".into(),
-                price: Money::new(2_500, Currency::parse("EUR").unwrap()),
-                capacity,
-                rule: Rule::Any,
-            }],
-        },
-        &[capacity],
-    );
+    let event = Event {
+        id: event_id,
+        name: "Gig".into(),
+        starts_at: Timestamp::from_millis(2_000_000_000_000),
+        venue: None,
+        ticket_types: vec![TicketType {
+            id: ticket_type,
+            event_id,
+            name: "Standing".into(),
+            price: Money::new(2_500, Currency::parse("EUR").unwrap()),
+            capacity,
+            rule: Rule::Any,
+        }],
+    };
+    inventory.insert_event(event.clone(), &[capacity]);
     let database = Database::new();
+    database.events.lock().unwrap().push(event);
     let expiry = Arc::new(Schedule::default());
     let announced = Arc::new(Announcements::default());
     let payments = Arc::new(GatedPayments {
@@ -269,6 +307,10 @@ fn setup(capacity: u32) -> Setup {
 }
 
 impl Setup {
+    fn items(&self, quantity: u32) -> ReserveItems {
+        ReserveItems::new(vec![(self.ticket_type, Quantity::new(quantity).unwrap())]).unwrap()
+    }
+
     fn available(&self) -> u32 {
         self.inventory.pools(self.event_id).unwrap()[0].available
     }
@@ -276,7 +318,7 @@ impl Setup {
     async fn reserve(&self, user: UserId, quantity: u32) -> Result<Reservation, EngineError> {
         match self
             .engine
-            .reserve(user, vec![(self.ticket_type, quantity)], None)
+            .reserve(user, self.items(quantity), None)
             .await?
         {
             Idempotent::Fresh(reservation) => Ok(reservation),
@@ -434,7 +476,7 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
     };
     let Idempotent::Fresh(first) = s
         .engine
-        .reserve(user, vec![(s.ticket_type, 2)], Some(call(2)))
+        .reserve(user, s.items(2), Some(call(2)))
         .await
         .unwrap()
     else {
@@ -442,15 +484,12 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
     };
     let again = s
         .engine
-        .reserve(user, vec![(s.ticket_type, 2)], Some(call(2)))
+        .reserve(user, s.items(2), Some(call(2)))
         .await
         .unwrap();
     assert!(matches!(&again, Idempotent::Replayed(text) if *text == first.id.to_string()));
     assert_eq!(s.available(), 8, "the replay took nothing");
-    let other = s
-        .engine
-        .reserve(user, vec![(s.ticket_type, 3)], Some(call(3)))
-        .await;
+    let other = s.engine.reserve(user, s.items(3), Some(call(3))).await;
     assert!(
         matches!(other, Err(EngineError::IdempotencyConflict)),
         "{other:?}"
@@ -458,9 +497,161 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
     // Keys are per user: another user's same key is a call of its own.
     let stranger = s
         .engine
-        .reserve(UserId::new(), vec![(s.ticket_type, 2)], Some(call(2)))
+        .reserve(UserId::new(), s.items(2), Some(call(2)))
         .await
         .unwrap();
     assert!(matches!(stranger, Idempotent::Fresh(_)));
     assert_eq!(s.available(), 6);
+}
+
+// ---------------------------------------------------------------------------------------
+// recovery
+// ---------------------------------------------------------------------------------------
+
+/// A new engine over the same database and clock, with an empty inventory: a restart.
+/// Returns it once it has recovered.
+async fn restart(s: &Setup, expiry: Arc<dyn Expiry>) -> (Arc<Engine>, Arc<Inventory>) {
+    let inventory = Arc::new(Inventory::new());
+    let engine = Arc::new(Engine::new(EngineParts {
+        inventory: Arc::clone(&inventory),
+        store: s.database.clone(),
+        writer: s.database.clone(),
+        expiry,
+        payments: s.payments.clone(),
+        notifier: s.announced.clone(),
+        clock: s.clock.clone(),
+        ttl: TTL,
+    }));
+    engine.recover(s.database.as_ref()).await.unwrap();
+    (engine, inventory)
+}
+
+fn pools_of(inventory: &Inventory, event: EventId) -> Vec<(u32, u64)> {
+    inventory
+        .pools(event)
+        .unwrap()
+        .iter()
+        .map(|p| (p.available, p.version))
+        .collect()
+}
+
+#[tokio::test]
+async fn recovery_makes_availability_capacity_minus_pending_and_paid() {
+    let s = setup(10);
+    let user = UserId::new();
+    s.reserve(user, 3).await.unwrap();
+    let paid = s.reserve(user, 2).await.unwrap();
+    s.payments.answer.notify_one();
+    s.engine
+        .pay(user, paid.id, &token("tok_ok"), None)
+        .await
+        .unwrap();
+    let cancelled = s.reserve(user, 4).await.unwrap();
+    s.engine.cancel(user, cancelled.id).await.unwrap();
+    assert_eq!(s.available(), 5);
+
+    let (_, inventory) = restart(&s, Arc::new(Schedule::default())).await;
+    // Versions start at the first epoch's, above any version of the run before.
+    assert_eq!(
+        pools_of(&inventory, s.event_id),
+        vec![(5, first_version(1))]
+    );
+    let (_, inventory) = restart(&s, Arc::new(Schedule::default())).await;
+    assert_eq!(
+        pools_of(&inventory, s.event_id),
+        vec![(5, first_version(2))]
+    );
+}
+
+#[tokio::test]
+async fn recovery_never_shows_more_tickets_than_exist() {
+    let s = setup(10);
+    let user = UserId::new();
+    let reservation = s.reserve(user, 3).await.unwrap();
+    // A stored reservation holding more than the capacity (a bad row): nothing available,
+    // never a wrapped-around count.
+    s.database
+        .reservations
+        .lock()
+        .unwrap()
+        .get_mut(&reservation.id)
+        .unwrap()
+        .items[0]
+        .quantity = 15;
+    let (_, inventory) = restart(&s, Arc::new(Schedule::default())).await;
+    assert_eq!(pools_of(&inventory, s.event_id)[0].0, 0);
+}
+
+#[tokio::test]
+async fn recovery_puts_pending_reservations_back_under_expiry_at_their_own_time() {
+    let s = setup(10);
+    let user = UserId::new();
+    let first = s.reserve(user, 3).await.unwrap();
+    s.clock.advance(Duration::from_secs(60));
+    let second = s.reserve(user, 2).await.unwrap();
+
+    let schedule = Arc::new(Schedule::default());
+    let (engine, inventory) = restart(&s, schedule.clone()).await;
+    assert_eq!(
+        *schedule.0.lock().unwrap(),
+        HashMap::from([(first.id, first.expires_at), (second.id, second.expires_at)])
+    );
+    assert!(engine.overdue().is_empty(), "nothing is due yet");
+    // They are pending again: their owner can cancel them, and the tickets come back.
+    let cancelled = engine.cancel(user, first.id).await.unwrap();
+    assert_eq!(cancelled.status, Status::Cancelled);
+    assert_eq!(pools_of(&inventory, s.event_id)[0].0, 8);
+    assert_eq!(
+        engine.get(user, second.id).await.unwrap().status,
+        Status::Pending
+    );
+}
+
+#[tokio::test]
+async fn a_pending_reservation_overdue_at_recovery_is_released_at_once() {
+    use crate::expiry::{sweeper, timer::TimerExpiry};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    let s = setup(10);
+    let user = UserId::new();
+    let overdue = s.reserve(user, 3).await.unwrap();
+    let later = {
+        s.clock.advance(TTL - Duration::from_secs(1));
+        s.reserve(user, 2).await.unwrap()
+    };
+    // The server was down past the first one's time.
+    s.clock.advance(Duration::from_secs(2));
+
+    // The real in-process timer and release loop, on the test's clock.
+    let timer = TimerExpiry::new(s.clock.clone());
+    let (due_tx, due_rx) = tokio::sync::mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+    let (engine, inventory) = restart(&s, timer).await;
+    tasks.spawn(sweeper::expire_due(
+        engine.clone(),
+        due_rx,
+        tasks.clone(),
+        stop.clone(),
+    ));
+
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pools_of(&inventory, s.event_id)[0].0 != 8 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the overdue reservation is released");
+    let stored = s.database.reservations.lock().unwrap()[&overdue.id].clone();
+    assert_eq!(stored.status, Status::Expired);
+    assert_eq!(
+        engine.get(user, later.id).await.unwrap().status,
+        Status::Pending,
+        "the one not yet due stays"
+    );
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
 }

@@ -174,19 +174,7 @@ impl From<crate::engine::EngineError> for RpcError {
         let item = |index: usize, field: &str| format!("items[{index}].{field}");
         match error {
             E::Invalid(invalid) => match invalid {
-                R::NoItems | R::TooManyItems | R::TotalOverflow => {
-                    RpcError::invalid_params("items", invalid.to_string())
-                }
-                R::ZeroQuantity { index } | R::QuantityTooLarge { index } => {
-                    RpcError::invalid_params(
-                        item(index, "quantity"),
-                        "an integer from 1 to 2147483647",
-                    )
-                }
-                R::DuplicateTicketType { index } => RpcError::invalid_params(
-                    item(index, "ticket_type_id"),
-                    "the same ticket type twice",
-                ),
+                R::TotalOverflow => RpcError::invalid_params("items", invalid.to_string()),
                 R::MixedEvents { index } => RpcError::invalid_params(
                     item(index, "ticket_type_id"),
                     "all items must be of one event",

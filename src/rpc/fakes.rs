@@ -14,7 +14,7 @@ use crate::catalog::{CatalogService, CreateEventError, EventDraft, EventWithPool
 use crate::core::inventory::PoolState;
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{
-    Clock, Email, Event, EventId, Password, PaymentToken, ReservationId, TicketTypeId, Timestamp,
+    Clock, Email, Event, EventId, Password, PaymentToken, ReservationId, ReserveItems, Timestamp,
     User, UserId,
 };
 use crate::engine::idempotency::{Idempotent, KeyedCall};
@@ -30,7 +30,7 @@ impl ReservationService for NoReservations {
     async fn reserve(
         &self,
         _: UserId,
-        _: Vec<(TicketTypeId, u32)>,
+        _: ReserveItems,
         _: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Idempotent<Reservation>, EngineError> {
         Err(EngineError::Unavailable)

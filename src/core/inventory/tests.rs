@@ -8,7 +8,8 @@ use std::thread;
 use proptest::prelude::*;
 
 use super::*;
-use crate::core::catalog::TicketType;
+use crate::core::catalog::{TicketType, MAX_COUNT};
+use crate::core::items::Quantity;
 use crate::core::money::Currency;
 
 const TTL: Duration = Duration::from_secs(60);
@@ -54,11 +55,22 @@ fn inventory_with(types: &[(u32, Rule, i64)]) -> (Inventory, Event) {
     (inventory, event)
 }
 
-fn request(user: UserId, items: &[(TicketTypeId, u32)], now: Timestamp) -> ReserveRequest {
+/// Well-formed items (their shape is `ReserveItems`'s to check, not the inventory's).
+fn items(items: &[(TicketTypeId, u32)]) -> ReserveItems {
+    ReserveItems::new(
+        items
+            .iter()
+            .map(|&(id, n)| (id, Quantity::new(n).expect("a valid quantity")))
+            .collect(),
+    )
+    .expect("well-formed items")
+}
+
+fn request(user: UserId, ticket_types: &[(TicketTypeId, u32)], now: Timestamp) -> ReserveRequest {
     ReserveRequest {
         id: ReservationId::new(),
         user_id: user,
-        items: items.to_vec(),
+        items: items(ticket_types),
         now,
         ttl: TTL,
     }
@@ -178,66 +190,20 @@ fn reserve_takes_nothing_when_a_later_item_breaks_its_rule() {
 }
 
 #[test]
-fn reserve_refuses_no_items() {
-    let (inventory, _) = inventory_with(&[(10, Rule::Any, 100)]);
-    assert_eq!(
-        inventory.reserve(request(UserId::new(), &[], T0)),
-        Err(ReserveError::NoItems)
-    );
-}
-
-#[test]
-fn reserve_refuses_more_than_twenty_items_before_looking_at_them() {
-    let types = vec![(10, Rule::Any, 100); 21];
+fn reserve_takes_twenty_items_at_once() {
+    let types = vec![(10, Rule::Any, 100); MAX_ITEMS];
     let (inventory, event) = inventory_with(&types);
-    let mut items: Vec<_> = ids(&event).into_iter().map(|id| (id, 1)).collect();
-    items[0].1 = 0;
-
-    assert_eq!(
-        inventory.reserve(request(UserId::new(), &items, T0)),
-        Err(ReserveError::TooManyItems)
-    );
-    items.pop();
-    items[0].1 = 1;
-    assert!(inventory
-        .reserve(request(UserId::new(), &items, T0))
-        .is_ok());
+    let all: Vec<_> = ids(&event).into_iter().map(|id| (id, 1)).collect();
+    let reserved = inventory.reserve(request(UserId::new(), &all, T0)).unwrap();
+    assert_eq!(reserved.pools.len(), MAX_ITEMS);
 }
 
 #[test]
-fn reserve_refuses_a_zero_quantity_naming_its_item() {
-    let (inventory, event) = inventory_with(&[(10, Rule::Any, 100), (10, Rule::Any, 100)]);
-    let [a, b] = ids(&event)[..] else {
-        unreachable!()
-    };
-    assert_eq!(
-        inventory.reserve(request(UserId::new(), &[(a, 1), (b, 0)], T0)),
-        Err(ReserveError::ZeroQuantity { index: 1 })
-    );
-}
-
-#[test]
-fn reserve_refuses_a_quantity_above_max_count() {
+fn reserve_takes_up_to_max_count_tickets_of_a_type() {
     let (inventory, event) = inventory_with(&[(MAX_COUNT, Rule::Any, 0)]);
     let a = event.ticket_types[0].id;
-    assert_eq!(
-        inventory.reserve(request(UserId::new(), &[(a, MAX_COUNT + 1)], T0)),
-        Err(ReserveError::QuantityTooLarge { index: 0 })
-    );
     let all = inventory.reserve(request(UserId::new(), &[(a, MAX_COUNT)], T0));
     assert_eq!(all.unwrap().pools, vec![pool(a, 0, 1)]);
-}
-
-#[test]
-fn reserve_refuses_a_ticket_type_named_twice() {
-    let (inventory, event) = inventory_with(&[(10, Rule::Any, 100), (10, Rule::Any, 100)]);
-    let [a, b] = ids(&event)[..] else {
-        unreachable!()
-    };
-    assert_eq!(
-        inventory.reserve(request(UserId::new(), &[(a, 1), (b, 1), (a, 2)], T0)),
-        Err(ReserveError::DuplicateTicketType { index: 2 })
-    );
 }
 
 #[test]
@@ -276,26 +242,28 @@ fn reserve_refuses_items_of_two_events() {
 }
 
 #[test]
-fn reserve_checks_parameters_item_by_item_in_order() {
+fn reserve_checks_ticket_types_item_by_item_in_order() {
     let (inventory, event) = inventory_with(&[(10, Rule::Any, 100), (10, Rule::Any, 100)]);
+    let second = event_starting(at(0), &[(10, Rule::Any, 100)]);
+    inventory.insert_event(second.clone(), &[10]);
     let [a, b] = ids(&event)[..] else {
         unreachable!()
     };
+    let other = second.ticket_types[0].id;
     let unknown = TicketTypeId::new();
     let user = UserId::new();
-    let cases: [(&[(TicketTypeId, u32)], ReserveError); 4] = [
+    let cases: [(&[(TicketTypeId, u32)], ReserveError); 3] = [
         (
-            &[(unknown, 1), (a, 0)],
+            &[(unknown, 1), (other, 1)],
             ReserveError::UnknownTicketType { index: 0 },
         ),
-        (&[(a, 1), (a, 0)], ReserveError::ZeroQuantity { index: 1 }),
         (
-            &[(a, 1), (a, MAX_COUNT + 1)],
-            ReserveError::QuantityTooLarge { index: 1 },
+            &[(a, 1), (other, 1), (unknown, 1)],
+            ReserveError::MixedEvents { index: 1 },
         ),
         (
-            &[(b, 1), (b, 1), (unknown, 0)],
-            ReserveError::DuplicateTicketType { index: 1 },
+            &[(a, 1), (b, 1), (unknown, 1), (other, 1)],
+            ReserveError::UnknownTicketType { index: 2 },
         ),
     ];
     for (items, expected) in cases {
@@ -308,14 +276,16 @@ fn reserve_checks_parameters_item_by_item_in_order() {
 }
 
 #[test]
-fn reserve_checks_every_parameter_before_any_availability() {
+fn reserve_checks_every_ticket_type_before_any_availability() {
     let (inventory, event) = inventory_with(&[(1, Rule::Any, 100), (10, Rule::Any, 100)]);
-    let [a, b] = ids(&event)[..] else {
-        unreachable!()
-    };
+    let a = event.ticket_types[0].id;
     assert_eq!(
-        inventory.reserve(request(UserId::new(), &[(a, 5), (b, 0)], T0)),
-        Err(ReserveError::ZeroQuantity { index: 1 })
+        inventory.reserve(request(
+            UserId::new(),
+            &[(a, 5), (TicketTypeId::new(), 1)],
+            T0
+        )),
+        Err(ReserveError::UnknownTicketType { index: 1 })
     );
 }
 
@@ -464,7 +434,7 @@ fn every_change_bumps_each_touched_pool_version_by_one() {
 fn refused_reservations_leave_versions_unchanged() {
     let (inventory, event) = inventory_with(&[(3, Rule::Any, 100)]);
     let a = event.ticket_types[0].id;
-    for quantity in [4, 0, MAX_COUNT + 1] {
+    for quantity in [4, MAX_COUNT] {
         assert!(inventory
             .reserve(request(UserId::new(), &[(a, quantity)], T0))
             .is_err());
@@ -1271,18 +1241,9 @@ impl Model {
 
     /// The outcome the protocol prescribes for `items`, given the model's availability.
     fn expected_reserve(&self, items: &[(TicketTypeId, u32)]) -> Result<Money, ReserveError> {
-        if items.is_empty() {
-            return Err(ReserveError::NoItems);
-        }
         let mut event = None;
         let mut located = Vec::new();
         for (index, &(id, quantity)) in items.iter().enumerate() {
-            if quantity == 0 {
-                return Err(ReserveError::ZeroQuantity { index });
-            }
-            if items[..index].iter().any(|&(seen, _)| seen == id) {
-                return Err(ReserveError::DuplicateTicketType { index });
-            }
             let (e, position) = self
                 .locate(id)
                 .ok_or(ReserveError::UnknownTicketType { index })?;
@@ -1369,11 +1330,21 @@ impl Model {
                 (id, quantity)
             })
             .collect();
+        // Malformed items (none, a zero quantity, a repeated ticket type) never reach the
+        // inventory: `ReserveItems` refuses them first.
+        let well_formed = items
+            .iter()
+            .map(|&(id, n)| Quantity::new(n).map(|q| (id, q)).ok())
+            .collect::<Option<Vec<_>>>()
+            .and_then(|typed| ReserveItems::new(typed).ok());
+        let Some(well_formed) = well_formed else {
+            return;
+        };
         let expected = self.expected_reserve(&items);
         let req = ReserveRequest {
             id: ReservationId::new(),
             user_id: self.users[user],
-            items: items.clone(),
+            items: well_formed,
             now: self.now,
             ttl: MODEL_TTL,
         };

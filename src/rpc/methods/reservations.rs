@@ -4,9 +4,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::core::inventory::MAX_ITEMS;
 use crate::core::reservation::{Reservation, Status};
-use crate::core::{IdempotencyKey, PaymentToken, ReservationId, TicketTypeId, MAX_COUNT};
+use crate::core::{
+    BadQuantity, IdempotencyKey, ItemsError, PaymentToken, ReservationId, ReserveItems,
+};
 use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall};
 use crate::engine::Paid;
 use crate::rpc::dispatch::{Access, Methods};
@@ -45,7 +46,26 @@ fn key_param(key: Option<String>) -> Result<Option<IdempotencyKey>, RpcError> {
         .map_err(|why| RpcError::invalid_params("idempotency_key", why.to_string()))
 }
 
-/// A result replayed from an idempotency key is the stored wire form.
+/// The items of `tickets.reserve`, read once into a type that holds only valid ones.
+fn items_param(items: &[ItemParam]) -> Result<ReserveItems, RpcError> {
+    let item = |index: usize, field: &str| format!("items[{index}].{field}");
+    ReserveItems::parse(
+        items
+            .iter()
+            .map(|i| (i.ticket_type_id.as_str(), i.quantity)),
+    )
+    .map_err(|why| match why {
+        ItemsError::Count => RpcError::invalid_params("items", why.to_string()),
+        ItemsError::Quantity { index } => {
+            RpcError::invalid_params(item(index, "quantity"), BadQuantity.to_string())
+        }
+        ItemsError::MalformedId { .. } => RpcError::NotFound,
+        ItemsError::Repeated { index } => {
+            RpcError::invalid_params(item(index, "ticket_type_id"), "the same ticket type twice")
+        }
+    })
+}
+
 /// The wire form of a result: a fresh one written by `wire`, a replayed one as stored.
 fn to_wire<T, W: Serialize>(
     result: Idempotent<T>,
@@ -64,32 +84,11 @@ fn reservation_text(reservation: &Reservation) -> String {
 async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
     let user = ctx.session.user_id(ctx.services.clock.now())?;
     let idempotency_key = key_param(params.idempotency_key)?;
-    // Shape first (INVALID_PARAMS), then which ticket types exist (NOT_FOUND).
-    if params.items.is_empty() || params.items.len() > MAX_ITEMS {
-        return Err(RpcError::invalid_params(
-            "items",
-            format!("1 to {MAX_ITEMS} items"),
-        ));
-    }
-    for (i, item) in params.items.iter().enumerate() {
-        if !(1..=MAX_COUNT).contains(&item.quantity) {
-            return Err(RpcError::invalid_params(
-                format!("items[{i}].quantity"),
-                "an integer from 1 to 2147483647",
-            ));
-        }
-    }
-    let items = params
-        .items
-        .iter()
-        .map(|item| {
-            Ok((
-                parse_id::<TicketTypeId>(&item.ticket_type_id)?,
-                item.quantity,
-            ))
-        })
-        .collect::<Result<Vec<_>, RpcError>>()?;
+    // Shape first (INVALID_PARAMS; a malformed id is NOT_FOUND), then, in the engine,
+    // which ticket types exist (NOT_FOUND).
+    let items = items_param(&params.items)?;
     let canonical: String = items
+        .as_slice()
         .iter()
         .map(|(id, quantity)| format!("{id}:{quantity};"))
         .collect();
@@ -210,4 +209,55 @@ async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
         .pay(user, id, &payment_token, key)
         .await?;
     to_wire(paid, |p| PayResult::from(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::core::{TicketTypeId, MAX_COUNT};
+
+    fn error_of(items: serde_json::Value) -> serde_json::Value {
+        let items: Vec<ItemParam> = serde_json::from_value(items).unwrap();
+        let error = items_param(&items).unwrap_err().to_error_object();
+        json!({"code": error.code, "message": error.message, "data": error.data})
+    }
+
+    fn invalid(field: &str, message: &str) -> serde_json::Value {
+        json!({
+            "code": -32602,
+            "message": format!("invalid params: {field}: {message}"),
+            "data": {"reason": "INVALID_PARAMS", "field": field},
+        })
+    }
+
+    #[test]
+    fn malformed_items_answer_as_the_protocol_says() {
+        let a = TicketTypeId::new().to_string();
+        let b = TicketTypeId::new().to_string();
+        let item = |id: &str, quantity: u32| json!({"ticket_type_id": id, "quantity": quantity});
+        assert_eq!(error_of(json!([])), invalid("items", "1 to 20 items"));
+        let many: Vec<_> = (0..21).map(|_| item(&a, 1)).collect();
+        assert_eq!(error_of(json!(many)), invalid("items", "1 to 20 items"));
+        assert_eq!(
+            error_of(json!([item(&a, 1), item(&b, 0)])),
+            invalid("items[1].quantity", "an integer from 1 to 2147483647")
+        );
+        assert_eq!(
+            error_of(json!([item("x", 1), item(&b, MAX_COUNT + 1)])),
+            invalid("items[1].quantity", "an integer from 1 to 2147483647")
+        );
+        assert_eq!(
+            error_of(json!([item(&a, 1), item(&b, 1), item(&a, 2)])),
+            invalid("items[2].ticket_type_id", "the same ticket type twice")
+        );
+        assert_eq!(
+            error_of(json!([item(&a, 1), item("not-an-id", 1)])),
+            json!({"code": 1004, "message": "not found", "data": {"reason": "NOT_FOUND"}})
+        );
+        let items: Vec<ItemParam> =
+            serde_json::from_value(json!([item(&a, 2), item(&b, MAX_COUNT)])).unwrap();
+        assert_eq!(items_param(&items).unwrap().len(), 2);
+    }
 }
