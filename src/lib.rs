@@ -13,7 +13,8 @@
 //!       engine            the reservation lifecycle (ReservationService) and recovery;
 //!                         its ports: Commits, Records, RecoverySource, Expiry,
 //!                         PaymentAdapter, Notifier, Clock
-//!         fanout          subscriptions, coalesced pool.update, per-connection outboxes
+//!         fanout          subscriptions, coalesced pool.update, per-connection outboxes;
+//!                         the Notifier port the engine announces changes through
 //!         expiry          Redis TTLs | in-process timer, the sweeper
 //!         store           PostgreSQL | SQLite, the group-commit writer
 //!         shapes          the wire JSON of domain values and notifications

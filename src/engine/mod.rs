@@ -7,7 +7,6 @@
 //! tickets held until the commit is done, so a failed commit never hands tickets out twice.
 
 pub mod idempotency;
-pub mod notify;
 pub mod payments;
 pub mod ports;
 pub mod recovery;
@@ -24,9 +23,9 @@ use crate::core::reservation::{ReleaseKind, Reservation, Status};
 use crate::core::{Clock, PaymentId, PaymentToken, ReservationId, ReserveItems, UserId};
 use crate::expiry::sweeper::Releases;
 use crate::expiry::Expiry;
+use crate::fanout::notify::Notifier;
 use crate::store::{Change, PaymentRecord, StoreError};
 use idempotency::{IdempotencyKeys, Idempotent, KeyedCall};
-use notify::Notifier;
 use payments::{PaymentAdapter, PaymentError};
 use ports::{Commits, Records};
 

@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use super::idempotency::{params_hash, Idempotent, KeyedCall};
-use super::notify::Notifier;
 use super::payments::{PaymentAdapter, PaymentError};
 use super::ports::{Commits, Records, RecoverySource};
 use super::recovery::first_version;
@@ -22,6 +21,7 @@ use crate::core::{
     ReserveItems, Rule, TicketType, TicketTypeId, Timestamp, UserId,
 };
 use crate::expiry::Expiry;
+use crate::fanout::notify::Notifier;
 use crate::store::writer::WriteError;
 use crate::store::{Change, IdempotencyRecord, StoreError, StoredIdempotency};
 

@@ -7,6 +7,7 @@
 //! subscribers' outboxes, so a burst of reservations becomes one update per subscriber and
 //! nothing is ever sent on the reserver's time.
 
+pub mod notify;
 pub mod outbox;
 
 use std::collections::HashMap;
@@ -23,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use crate::core::inventory::PoolState;
 use crate::core::reservation::Reservation;
 use crate::core::{EventId, TicketTypeId, UserId};
-use crate::engine::notify::Notifier;
 use crate::shapes;
+use notify::Notifier;
 pub use outbox::{Outbox, RenderedPool};
 
 /// Identifies one subscription of one connection.

@@ -1,4 +1,6 @@
-//! The port through which the engine announces committed changes to subscribers.
+//! The port through which the engine announces committed changes to subscribers. It is
+//! defined here, below the engine, as the expiry and storage ports are in their layers: the
+//! engine imports it, and the fan-out implements it without importing the engine.
 
 use crate::core::inventory::PoolState;
 use crate::core::reservation::Reservation;
