@@ -122,6 +122,7 @@ pub struct EchoArgs {
 
 /// Drives the echo server with reserve frames.
 pub async fn run(args: &EchoArgs) -> Result<ReserveReport, SetupError> {
+    crate::limits::ensure_fds_for(u64::from(args.connections), "connections")?;
     let urls: Vec<reqwest::Url> = (0..args.connections).map(|_| args.url.ws(None)).collect();
     eprintln!("connecting {} WebSockets…", args.connections);
     let connections = connect_all(&urls, args.call_timeout).await?;

@@ -131,6 +131,7 @@ impl LoginsReport {
 
 /// Runs the rush; `Err` only when nothing could be measured.
 pub async fn run(args: &LoginsArgs) -> Result<LoginsReport, String> {
+    crate::limits::ensure_fds_for(u64::from(args.count), "concurrent logins")?;
     let http = HttpRpc::new(args.url.clone(), args.call_timeout);
     let before = args.server_pid.and_then(Rss::read);
     if args.server_pid.is_some() && before.is_none() {

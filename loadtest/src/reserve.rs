@@ -116,6 +116,7 @@ struct Fixture {
 /// Runs the benchmark; `Ok(report)` also when the consistency check fails (the caller
 /// decides the exit code).
 pub async fn run(args: &ReserveArgs) -> Result<ReserveReport, SetupError> {
+    crate::limits::ensure_fds_for(u64::from(args.connections), "connections")?;
     let http = HttpRpc::new(args.url.clone(), args.call_timeout);
     let fixture = setup(args, &http).await?;
 

@@ -185,7 +185,7 @@ pub fn render(phases: &[Phase]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>6} {:>6} {:>10} {:>8} {:>8}  {}  {:>6}  consistency",
+        "{:<22} {:>6} {:>6} {:>10} {:>8} {:>8}  {}  {:>6}  consistency",
         "phase",
         "conns",
         "types",
@@ -216,7 +216,7 @@ pub fn render(phases: &[Phase]) -> String {
         }
         let _ = writeln!(
             out,
-            "{:<16} {:>6} {:>6} {:>10.0} {:>8} {:>8}  {}  {:>6}  {}{}",
+            "{:<22} {:>6} {:>6} {:>10.0} {:>8} {:>8}  {}  {:>6}  {}{}",
             name,
             p.connections,
             p.ticket_types,
@@ -331,7 +331,7 @@ pub fn markdown_row(label: &str, phases: &[Phase]) -> String {
 }
 
 /// The header of the table [`markdown_row`] fills.
-pub const MARKDOWN_HEADER: &str = "| run | (a) res/s, PG, hot, 64 | p50/p99 ms 64 | 256 | 1,024 | open model 64: rate: p50/p99 ms | (b) pgbench tps | (c) echo msg/s | a/b | a/c | spread 1,000: a vs b | spread a/b | CPU µs/res server / PG | SQLite res/s 64 | 1,000 logins: rate, RSS peak/after | B/pending | pending | oversold |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+pub const MARKDOWN_HEADER: &str = "| run | (a) res/s, PG, hot, 64 | p50/p99 ms 64 | 256 | 1,024 | open model 64: rate: p50/p99 ms | (b) pgbench tps | (c) echo msg/s | a/b | a/c | spread 1,000: a vs b | spread a/b | CPU µs/res server / PG | SQLite res/s 64 | login rush: logins/s, RSS +peak/+after | B/pending | pending | oversold |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// Prints the summary of a run.
 pub fn run(args: &SummaryArgs) -> Result<(), String> {
