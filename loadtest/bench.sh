@@ -33,7 +33,7 @@
 #   SPREAD_TYPES     ticket types (server) and rows (pgbench) of the spread case (default 1000)
 #   LOGINS           concurrent logins (default 1000 [quick 100])
 #   PENDING          pending reservations for the memory figure (default 1000000 [quick 20000])
-#   PENDING_MAX_DURATION  bound on that phase (default 300s [quick 60s])
+#   PENDING_MAX_DURATION  bound on that phase (default 600s [quick 60s])
 #   PENDING_BACKEND  postgres (default) or sqlite
 #   PHASES           the phases to run, space-separated, from: b c a open spread sqlite logins
 #                    pending (default: all)
@@ -62,7 +62,7 @@ else
 	CONNECTIONS=${CONNECTIONS:-64 256 1024}
 	LOGINS=${LOGINS:-1000}
 	PENDING=${PENDING:-1000000}
-	PENDING_MAX_DURATION=${PENDING_MAX_DURATION:-300s}
+	PENDING_MAX_DURATION=${PENDING_MAX_DURATION:-600s}
 fi
 OPEN_FRACTION=${OPEN_FRACTION:-0.6}
 SPREAD_TYPES=${SPREAD_TYPES:-1000}

@@ -275,7 +275,7 @@ pub fn markdown_row(label: &str, phases: &[Phase]) -> String {
         )
     };
     let cpu = |name: &str, who: &str| opt(get(name).and_then(|p| p.cpu_us.get(who).copied()), 0);
-    let [ab, ac, spread] = ratios(phases).map(|(_, v, _)| opt(v, 1));
+    let [ab, ac, spread] = ratios(phases).map(|(_, v, _)| opt(v, 2));
     let logins = phases
         .iter()
         .find_map(|p| p.rush_kib.map(|r| (p, r)))
