@@ -111,6 +111,7 @@ WORK=$(mktemp -d -t ticket-api-bench.XXXXXX)
 JSON_OUT=$WORK/phases.jsonl
 : >"$JSON_OUT"
 SERVER_PID=
+SERVER_BACKEND=
 ECHO_PID=
 DATA_DIR=
 STATUS=0
@@ -220,17 +221,19 @@ wait_listening() {
 	return 1
 }
 
-# Starts a fresh server: `start_server postgres|sqlite`. The PostgreSQL database is created
-# once and kept for the later servers; SQLite gets a fresh data folder each time.
+# Starts a fresh server on a fresh database: `start_server postgres|sqlite`. A server loads
+# the pending reservations it finds at start, so reusing a database would carry an earlier
+# phase's reservations (and their memory) into the next one.
+SERVERS_STARTED=0
 start_server() {
 	local backend=$1 db_args=()
 	DATA_DIR=$(mktemp -d -p "$WORK" server.XXXXXX)
+	SERVERS_STARTED=$((SERVERS_STARTED + 1))
 	if [[ $backend == postgres ]]; then
-		if [[ " ${CREATED_DBS[*]} " != *" $SERVER_DB "* ]]; then
-			psql_admin -c "CREATE DATABASE $SERVER_DB" >/dev/null
-			CREATED_DBS+=("$SERVER_DB")
-		fi
-		db_args=(--database-url "postgres://$PGUSER@$PGHOST:$PGPORT/$SERVER_DB")
+		local db=${SERVER_DB}_$SERVERS_STARTED
+		psql_admin -c "CREATE DATABASE $db" >/dev/null
+		CREATED_DBS+=("$db")
+		db_args=(--database-url "postgres://$PGUSER@$PGHOST:$PGPORT/$db")
 	fi
 	if [[ $REDIS == 1 ]]; then
 		db_args+=(--redis-url "$REDIS_URL" --redis-prefix "$REDIS_PREFIX")
@@ -238,16 +241,25 @@ start_server() {
 	PORT=$(random_port)
 	URL=http://127.0.0.1:$PORT
 	local common=(--data-dir "$DATA_DIR" --jwt-secret "$JWT_SECRET" "${db_args[@]}")
-	"$SERVER" user add --email "$ADMIN_EMAIL" --password "$ADMIN_PASSWORD" --admin "${common[@]}" >/dev/null 2>&1 ||
-		true # already there in the kept PostgreSQL database
+	"$SERVER" user add --email "$ADMIN_EMAIL" --password "$ADMIN_PASSWORD" --admin "${common[@]}" >/dev/null
 	RUST_LOG=${RUST_LOG:-warn} "$SERVER" serve --listen "127.0.0.1:$PORT" "${common[@]}" \
 		--rate-limit 1000000 --rate-burst 1000000 --max-connections 10000 \
 		--auth-rate-limit 1000000 --auth-rate-burst 1000000 --max-connections-per-address 1000000 \
 		--reservation-ttl 1h \
 		>"$DATA_DIR/server.log" 2>&1 &
 	SERVER_PID=$!
+	SERVER_BACKEND=$backend
 	wait_listening "$URL/health" "$SERVER_PID"
 	log "ticket-api ($backend) on $URL, pid $SERVER_PID"
+}
+# Stops the server and drops the database it was given (if PostgreSQL).
+stop_server_and_db() {
+	stop_server
+	if [[ $SERVER_BACKEND == postgres ]]; then
+		local db=${SERVER_DB}_$SERVERS_STARTED
+		psql_admin -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
+		CREATED_DBS=("${CREATED_DBS[@]/$db/}")
+	fi
 }
 JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
@@ -327,7 +339,7 @@ if wants a || wants open || wants spread; then
 		$1 == "ticket_api_writer_batch_size_sum" { s = $2 }
 		$1 == "ticket_api_writer_batch_size_count" { c = $2 }
 		END { if (c > 0) printf "%.1f changes per transaction over %d transactions", s / c, c; else print "no transactions" }')"
-	stop_server
+	stop_server_and_db
 fi
 
 if wants sqlite; then
@@ -340,7 +352,7 @@ if wants logins; then
 	start_server postgres
 	run_phase logins "$LOADGEN" logins --url "$URL" --email "$ADMIN_EMAIL" --password "$ADMIN_PASSWORD" \
 		--count "$LOGINS" --server-pid "$SERVER_PID" --settle 5s --phase logins --json
-	stop_server
+	stop_server_and_db
 fi
 
 if wants pending; then
@@ -349,7 +361,7 @@ if wants pending; then
 	# allocator of the thread that ran it, which would inflate the "before" figure.
 	reserve pending "$PENDING_MAX_DURATION" --connections 64 --max-requests "$PENDING" \
 		--capacity "$PENDING" --server-pid "$SERVER_PID" --register-concurrency 1
-	stop_server
+	stop_server_and_db
 fi
 
 echo
