@@ -371,13 +371,13 @@ echo "== summary ($MODE, $(date -u '+%F %T') UTC, $(nproc) CPUs, shared machine:
 if [[ -n $RESULTS_MD ]]; then
 	label="$(date -u '+%F %H:%M') $MODE $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 	row=$("$LOADGEN" summary --input "$JSON_OUT" --markdown-row --label "$label")
-	heading="### bench.sh runs"
+	heading="## bench.sh runs: the durable reserve path side by side with its baselines"
 	if ! grep -qxF "$heading" "$RESULTS_MD" 2>/dev/null; then
 		{
 			echo
 			echo "$heading"
 			echo
-			echo "\`bash loadtest/bench.sh\` (QUICK=1: a few seconds per window). One row per run; \"—\" where a phase did not run."
+			echo "\`bash loadtest/bench.sh\` (\`QUICK=1\`: a few seconds per window). One row per run, appended by the script; \"—\" where a phase did not run. The phases and columns are described in \`loadtest/README.md\`."
 			echo
 			"$LOADGEN" summary --markdown-header
 		} >>"$RESULTS_MD"

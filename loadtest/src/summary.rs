@@ -303,8 +303,10 @@ pub fn markdown_row(label: &str, phases: &[Phase]) -> String {
     );
     let consistent = if phases.iter().any(|p| p.consistent == Some(false)) {
         "MISMATCH"
-    } else {
+    } else if phases.iter().any(|p| p.consistent == Some(true)) {
         "ok"
+    } else {
+        "—"
     };
     format!(
         "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} vs {} | {} | {} / {} | {} | {} | {} | {} | {} |",
@@ -325,7 +327,7 @@ pub fn markdown_row(label: &str, phases: &[Phase]) -> String {
         rate("sqlite-hot-64"),
         logins,
         opt(get("pending").and_then(|p| p.rss_bytes_per_op), 0),
-        get("pending").map_or(0, |p| p.ok),
+        get("pending").map_or_else(|| "—".to_owned(), |p| p.ok.to_string()),
         consistent
     )
 }
@@ -428,6 +430,11 @@ mod tests {
         assert_eq!(row.matches('|').count(), columns, "{row}");
         assert!(row.contains("| 11500 | 5.8/9.7 |"), "{row}");
         assert!(row.contains("80/s, +76/+8 MiB"), "{row}");
-        assert!(row.ends_with("| ok |"), "{row}");
+        assert!(row.ends_with("| — | ok |"), "{row}");
+        let unchecked = markdown_row(
+            "x",
+            &parse_lines(&reserve("c-echo-64", 1.0).replace("true", "null")),
+        );
+        assert!(unchecked.ends_with("| — | — |"), "{unchecked}");
     }
 }
