@@ -37,6 +37,7 @@
 #   PENDING_BACKEND  postgres (default) or sqlite
 #   PHASES           the phases to run, space-separated, from: b c a open spread sqlite logins
 #                    pending (default: all)
+#   BACKEND=sqlite   the same as PHASES=sqlite (what this knob meant to earlier versions)
 #   REDIS=1          the server uses Redis expiry at REDIS_URL (default redis://127.0.0.1:6379)
 #                    with a key prefix of its own, deleted at exit; Redis CPU is then reported
 #   PGHOST PGPORT PGUSER  the PostgreSQL instance (127.0.0.1, 5432, postgres; loopback only)
@@ -67,6 +68,9 @@ fi
 OPEN_FRACTION=${OPEN_FRACTION:-0.6}
 SPREAD_TYPES=${SPREAD_TYPES:-1000}
 PENDING_BACKEND=${PENDING_BACKEND:-postgres}
+if [[ ${BACKEND:-} == sqlite ]]; then
+	PHASES=${PHASES:-sqlite}
+fi
 PHASES=${PHASES:-b c a open spread sqlite logins pending}
 REDIS=${REDIS:-0}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
