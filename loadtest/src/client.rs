@@ -373,6 +373,35 @@ impl WsRpc {
         }
     }
 
+    /// Sends the frame [`WsRpc::call`] would send and waits for the same text to come
+    /// back (an echo server): the transport's cost for the same message size.
+    pub async fn echo(&mut self, method: &str, params: &Value) -> Result<(), CallError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let text = request(id, method, params).to_string();
+        self.stream
+            .send(Message::text(text.clone()))
+            .await
+            .map_err(|e| CallError::Transport(format!("send: {e}")))?;
+        loop {
+            match self.stream.next().await {
+                Some(Ok(Message::Text(echoed))) if echoed.as_str() == text => return Ok(()),
+                Some(Ok(Message::Text(other))) => {
+                    return Err(CallError::Transport(format!(
+                        "echo differs: sent {} bytes, got {}",
+                        text.len(),
+                        other.len()
+                    )))
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    return Err(CallError::Transport("connection closed".to_owned()))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(CallError::Transport(format!("receive: {e}"))),
+            }
+        }
+    }
+
     /// Closes politely; errors are irrelevant at this point.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.close(None)).await;

@@ -7,6 +7,12 @@
 //!   a reservation's answer to each subscriber's `pool.update`, and how much was coalesced.
 //! - `idle`: N idle WebSocket connections or long-poll sessions held for a while, to
 //!   measure the server's memory per connection.
+//! - `echo-server` / `echo`: a plain axum WebSocket echo, and the reserve loop driving it
+//!   with the same frames: the transport's ceiling.
+//! - `pgbench`: the database-bound way (one PostgreSQL transaction per reservation) run by
+//!   pgbench on a schema of its own.
+//! - `logins`: N concurrent `auth.login` and the server's memory around them.
+//! - `summary`: the side-by-side table and ratios of a `bench.sh` run.
 //!
 //! Every target must be a loopback address, and every load loop is bounded in count and
 //! in time.
@@ -15,12 +21,18 @@
 //! (including a non-loopback `--url`, or more connections than the open-file limit allows).
 
 mod client;
+mod echo;
 mod fanout;
 mod idle;
 mod limits;
+mod logins;
 mod metrics;
+mod pgbench;
+mod procfs;
 mod report;
 mod reserve;
+mod schedule;
+mod summary;
 
 use std::process::ExitCode;
 
@@ -44,6 +56,16 @@ enum Command {
     Fanout(fanout::FanoutArgs),
     /// Opens N idle WebSocket connections or long-poll sessions, holds them, closes them.
     Idle(idle::IdleArgs),
+    /// A plain axum WebSocket echo server (the baseline for `echo`).
+    EchoServer(echo::EchoServerArgs),
+    /// The reserve loop against an echo server, with the same frames.
+    Echo(echo::EchoArgs),
+    /// The database-bound way: pgbench, one transaction per reservation.
+    Pgbench(pgbench::PgbenchArgs),
+    /// N concurrent logins and the server's memory before, at the peak and after.
+    Logins(logins::LoginsArgs),
+    /// The table and ratios of a `bench.sh` run, from its JSON lines.
+    Summary(summary::SummaryArgs),
 }
 
 /// Why a run produced no report: bad flags (exit 2) or a failed setup (exit 1).
@@ -101,6 +123,62 @@ async fn main() -> ExitCode {
         Command::Idle(args) => match idle::run(&args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => e.exit("idle"),
+        },
+        Command::EchoServer(args) => match echo::serve(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => Failure::Setup(e).exit("echo-server"),
+        },
+        Command::Echo(args) => match echo::run(&args).await {
+            Ok(report) => {
+                report.print_human();
+                if args.json {
+                    println!("{}", report.to_json());
+                }
+                if report.ok > 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => Failure::Setup(e).exit("echo"),
+        },
+        Command::Pgbench(args) => {
+            match tokio::task::spawn_blocking(move || {
+                pgbench::run(&args).map(|json| (json, args.json))
+            })
+            .await
+            {
+                Ok(Ok((json, print))) => {
+                    if print {
+                        println!("{json}");
+                    }
+                    if json.pointer("/consistency/ok") == Some(&serde_json::Value::Bool(true)) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Ok(Err(e)) => Failure::Setup(e).exit("pgbench"),
+                Err(e) => Failure::Setup(e.to_string()).exit("pgbench"),
+            }
+        }
+        Command::Logins(args) => match logins::run(&args).await {
+            Ok(report) => {
+                report.print_human();
+                if args.json {
+                    println!("{}", report.to_json());
+                }
+                if report.ok > 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => Failure::Setup(e).exit("logins"),
+        },
+        Command::Summary(args) => match summary::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => Failure::Setup(e).exit("summary"),
         },
     }
 }

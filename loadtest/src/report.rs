@@ -60,17 +60,65 @@ pub struct Consistency {
     /// Tickets that calls without an answer may have taken (they may or may not have
     /// been committed).
     pub unknown_tickets: u64,
+    /// Ticket types checked (the figures above are their sums).
+    pub ticket_types: usize,
+    /// Ticket types whose own check failed.
+    pub mismatched_types: usize,
 }
 
 impl Consistency {
-    /// Exact, or short by no more than what unanswered calls may have taken.
-    pub fn is_ok(&self) -> bool {
+    /// One ticket type of `capacity` of which `acknowledged` tickets were confirmed
+    /// reserved, `unknown` more may have been, and the server reports `available`.
+    pub fn one(capacity: u64, acknowledged: u64, available: u64, unknown: u64) -> Self {
+        let mut c = Self {
+            capacity,
+            expected_available: capacity.saturating_sub(acknowledged),
+            available,
+            unknown_tickets: unknown,
+            ticket_types: 1,
+            mismatched_types: 0,
+        };
+        c.mismatched_types = usize::from(!c.totals_ok());
+        c
+    }
+
+    /// Several ticket types: sums of their figures; a mismatch of any one is kept, so
+    /// an oversold type cannot hide behind another type's shortfall.
+    pub fn combine(parts: &[Consistency]) -> Self {
+        Self {
+            capacity: parts.iter().map(|c| c.capacity).sum(),
+            expected_available: parts.iter().map(|c| c.expected_available).sum(),
+            available: parts.iter().map(|c| c.available).sum(),
+            unknown_tickets: parts.iter().map(|c| c.unknown_tickets).sum(),
+            ticket_types: parts.iter().map(|c| c.ticket_types).sum(),
+            mismatched_types: parts.iter().map(|c| c.mismatched_types).sum(),
+        }
+    }
+
+    fn totals_ok(&self) -> bool {
         self.available <= self.expected_available
             && self.expected_available - self.available <= self.unknown_tickets
     }
 
+    /// Exact, or short by no more than what unanswered calls may have taken, for every
+    /// ticket type.
+    pub fn is_ok(&self) -> bool {
+        self.mismatched_types == 0 && self.totals_ok()
+    }
+
     pub fn line(&self) -> String {
-        if self.available == self.expected_available {
+        let types = if self.ticket_types > 1 {
+            format!(" over {} ticket types", self.ticket_types)
+        } else {
+            String::new()
+        };
+        if self.mismatched_types > 0 && self.totals_ok() {
+            return format!(
+                "consistency: MISMATCH in {} of {} ticket types (totals: available {}, expected {})",
+                self.mismatched_types, self.ticket_types, self.available, self.expected_available
+            );
+        }
+        let line = if self.available == self.expected_available {
             format!(
                 "consistency: ok (available {} = capacity {} − {} reserved)",
                 self.available,
@@ -91,17 +139,42 @@ impl Consistency {
                 self.expected_available,
                 self.unknown_tickets
             )
-        }
+        };
+        line + &types
+    }
+}
+
+/// The server's resident memory around a load window, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RssWindow {
+    pub before_kib: u64,
+    pub after_kib: u64,
+    /// The process's peak since it started (`VmHWM`), read with `after`.
+    pub peak_kib: u64,
+}
+
+impl RssWindow {
+    /// Bytes of RSS the window added per operation (negative when it shrank).
+    pub fn bytes_per(&self, ops: u64) -> Option<f64> {
+        (ops > 0).then(|| (self.after_kib as f64 - self.before_kib as f64) * 1024.0 / ops as f64)
     }
 }
 
 /// Everything `loadgen reserve` measured.
 #[derive(Debug, Clone)]
 pub struct ReserveReport {
+    /// `loadgen reserve` or `loadgen echo`.
+    pub tool: String,
+    /// The label given with `--phase`.
+    pub phase: String,
     pub url: String,
     pub connections: usize,
     pub quantity: u64,
+    /// Of each ticket type.
     pub capacity: u64,
+    pub ticket_types: usize,
+    /// Open model: the arrival rate asked for; `None` for a closed loop.
+    pub offered_rate: Option<f64>,
     pub duration_s: f64,
     pub max_requests: u64,
     /// Calls sent (answered or not).
@@ -112,6 +185,8 @@ pub struct ReserveReport {
     /// Calls without an answer (lost connection, timeout, malformed response).
     pub transport_failures: u64,
     pub reconnects: u64,
+    /// Open model: calls sent more than 1 ms after their intended instant.
+    pub late_sends: u64,
     pub elapsed_s: f64,
     /// `duration`, `max-requests` or `pool exhausted`.
     pub stopped_by: String,
@@ -121,6 +196,10 @@ pub struct ReserveReport {
     pub latency_ok: Latency,
     /// The server's write-behind batches during the load, from `/metrics`.
     pub writer_batches: Option<WriterBatches>,
+    /// CPU seconds per `--cpu` probe over the load window.
+    pub cpu_seconds: BTreeMap<String, f64>,
+    /// The server's RSS around the load (with `--server-pid`).
+    pub rss: Option<RssWindow>,
     pub consistency: Option<Consistency>,
 }
 
@@ -138,9 +217,19 @@ impl ReserveReport {
     }
 
     pub fn print_human(&self) {
+        let mode = match self.offered_rate {
+            Some(rate) => format!("open model at {rate:.0}/s"),
+            None => "closed loop".to_owned(),
+        };
         println!(
-            "reserve: {} connections against {}, quantity {}, capacity {}",
-            self.connections, self.url, self.quantity, self.capacity
+            "{} [{}]: {} connections against {}, {mode}, quantity {}, {} ticket type(s) of capacity {}",
+            self.tool,
+            self.phase,
+            self.connections,
+            self.url,
+            self.quantity,
+            self.ticket_types,
+            self.capacity
         );
         println!(
             "  stopped by: {} after {:.2} s (limits: {:.1} s, {} requests)",
@@ -158,10 +247,16 @@ impl ReserveReport {
         for (reason, count) in &self.errors {
             println!("    {reason}: {count}");
         }
-        println!("  throughput: {:.0} reservations/s", self.rate());
+        println!("  throughput: {:.0} calls/s answered ok", self.rate());
+        if self.offered_rate.is_some() {
+            println!(
+                "  sent more than 1 ms after the intended instant: {} (latency counts from the intended instant)",
+                self.late_sends
+            );
+        }
         let l = self.latency_ok;
         println!(
-            "  latency (ok reservations): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            "  latency (ok calls): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
             l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
         );
         if self.latency.count != self.latency_ok.count {
@@ -180,19 +275,41 @@ impl ReserveReport {
                 None => println!("  writer: no transactions during the load"),
             }
         }
-        match &self.consistency {
-            Some(c) => println!("{}", c.line()),
-            None => println!("consistency: not checked (events.get failed)"),
+        for (name, seconds) in &self.cpu_seconds {
+            println!(
+                "  cpu {name}: {seconds:.2} s = {:.2} cores, {:.1} µs per ok call",
+                crate::procfs::cores(*seconds, std::time::Duration::from_secs_f64(self.elapsed_s)),
+                crate::procfs::micros_per_op(*seconds, self.ok).unwrap_or(0.0)
+            );
+        }
+        if let Some(r) = self.rss {
+            println!(
+                "  server RSS: {} KiB before, {} KiB after (peak {} KiB): {:.0} bytes per ok call",
+                r.before_kib,
+                r.after_kib,
+                r.peak_kib,
+                r.bytes_per(self.ok).unwrap_or(0.0)
+            );
+        }
+        if self.tool == "loadgen reserve" {
+            match &self.consistency {
+                Some(c) => println!("{}", c.line()),
+                None => println!("consistency: not checked (events.get failed)"),
+            }
         }
     }
 
     pub fn to_json(&self) -> Value {
         json!({
-            "tool": "loadgen reserve",
+            "tool": self.tool,
+            "phase": self.phase,
+            "mode": if self.offered_rate.is_some() { "open" } else { "closed" },
+            "offered_rate": self.offered_rate,
             "url": self.url,
             "connections": self.connections,
             "quantity": self.quantity,
             "capacity": self.capacity,
+            "ticket_types": self.ticket_types,
             "duration_s": self.duration_s,
             "max_requests": self.max_requests,
             "requests": self.requests,
@@ -202,6 +319,7 @@ impl ReserveReport {
             "error_total": self.error_total(),
             "transport_failures": self.transport_failures,
             "reconnects": self.reconnects,
+            "late_sends": self.late_sends,
             "elapsed_s": self.elapsed_s,
             "reservations_per_s": self.rate(),
             "stopped_by": self.stopped_by,
@@ -212,8 +330,20 @@ impl ReserveReport {
                 "changes": w.changes,
                 "average": w.average(),
             })),
+            "cpu": self.cpu_seconds.iter().map(|(name, &seconds)| (name.clone(), json!({
+                "seconds": seconds,
+                "us_per_op": crate::procfs::micros_per_op(seconds, self.ok),
+            }))).collect::<serde_json::Map<String, Value>>(),
+            "rss_kib": self.rss.map(|r| json!({
+                "before": r.before_kib,
+                "after": r.after_kib,
+                "peak": r.peak_kib,
+                "bytes_per_op": r.bytes_per(self.ok),
+            })),
             "consistency": self.consistency.as_ref().map(|c| json!({
                 "ok": c.is_ok(),
+                "ticket_types": c.ticket_types,
+                "mismatched_types": c.mismatched_types,
                 "available": c.available,
                 "expected_available": c.expected_available,
                 "unknown_tickets": c.unknown_tickets,
@@ -227,12 +357,40 @@ mod tests {
     use super::*;
 
     fn consistency(expected: u64, available: u64, unknown: u64) -> Consistency {
-        Consistency {
-            capacity: 100,
-            expected_available: expected,
-            available,
-            unknown_tickets: unknown,
-        }
+        Consistency::one(100, 100 - expected, available, unknown)
+    }
+
+    #[test]
+    fn an_oversold_type_is_not_hidden_by_another_types_shortfall() {
+        // Type 1 oversold by 2 (available 88 where 90 is expected, nothing unanswered),
+        // type 2 has 2 more available than expected: the sums match exactly.
+        let c = Consistency::combine(&[consistency(90, 88, 0), consistency(90, 92, 4)]);
+        assert_eq!(c.available, c.expected_available);
+        assert!(!c.is_ok());
+        assert_eq!(c.mismatched_types, 2);
+        assert!(
+            c.line().starts_with("consistency: MISMATCH in 2 of 2"),
+            "{}",
+            c.line()
+        );
+        let fine = Consistency::combine(&[consistency(90, 90, 0), consistency(50, 49, 1)]);
+        assert!(fine.is_ok());
+        assert!(
+            fine.line().ends_with("over 2 ticket types"),
+            "{}",
+            fine.line()
+        );
+    }
+
+    #[test]
+    fn rss_per_operation_in_bytes() {
+        let r = RssWindow {
+            before_kib: 10_000,
+            after_kib: 10_500,
+            peak_kib: 11_000,
+        };
+        assert_eq!(r.bytes_per(1024), Some(500.0));
+        assert_eq!(r.bytes_per(0), None);
     }
 
     #[test]
