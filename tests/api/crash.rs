@@ -426,7 +426,7 @@ async fn sigterm_commits_every_acknowledged_reservation_before_exit(db: Arc<Data
     poll_until(
         Duration::from_secs(20),
         "reservations to stream in",
-        || async { (streamed.load(Ordering::SeqCst) >= 200).then_some(()) },
+        || async { (streamed.load(Ordering::SeqCst) >= 50).then_some(()) },
     )
     .await;
     let pid = server.child.id().expect("running").to_string();
