@@ -655,3 +655,417 @@ async fn a_pending_reservation_overdue_at_recovery_is_released_at_once() {
     tasks.close();
     tasks.wait().await;
 }
+
+/// The engine wired as `app.rs` wires it, on tokio's paused time: an expiry source (the
+/// in-process timer, or one that loses every delivery), `expire_due` releasing what falls
+/// due, and the sweeper behind both. Time moves only by `tokio::time::advance`, so each
+/// test asserts the exact millisecond things happen at, and takes no real time.
+mod on_tokio_time {
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::expiry::sweeper::{expire_due, sweep, Releases};
+    use crate::expiry::timer::{TimerExpiry, TokioClock};
+    use crate::expiry::DUE_CAPACITY;
+
+    /// The reservation TTL here; paused time makes its length free.
+    const TTL: Duration = Duration::from_millis(2_000);
+    /// The sweeper's period (`app::SWEEP_EVERY`).
+    const SWEEP_EVERY: Duration = Duration::from_secs(5);
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Where due reservations come from.
+    enum Source {
+        /// The in-process timer.
+        Timer,
+        /// A source that never delivers (Redis down, key events lost): only the sweeper.
+        Lost,
+    }
+
+    struct Timed {
+        engine: Arc<Engine>,
+        inventory: Arc<Inventory>,
+        database: Arc<Database>,
+        announced: Arc<Announcements>,
+        payments: Arc<GatedPayments>,
+        timer: Option<Arc<TimerExpiry>>,
+        clock: Arc<TokioClock>,
+        ticket_type: TicketTypeId,
+        event_id: EventId,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    }
+
+    fn timed(capacity: u32, source: Source) -> Timed {
+        let Setup {
+            inventory,
+            database,
+            announced,
+            payments,
+            ticket_type,
+            event_id,
+            ..
+        } = setup(capacity);
+        let clock = Arc::new(TokioClock::new());
+        let (timer, expiry): (_, Arc<dyn Expiry>) = match source {
+            Source::Timer => {
+                let timer = TimerExpiry::new(clock.clone());
+                (Some(Arc::clone(&timer)), timer)
+            }
+            Source::Lost => (None, Arc::new(Schedule::default())),
+        };
+        let engine = Arc::new(Engine::new(EngineParts {
+            inventory: Arc::clone(&inventory),
+            store: database.clone(),
+            writer: database.clone(),
+            expiry,
+            payments: payments.clone(),
+            notifier: announced.clone(),
+            clock: clock.clone(),
+            ttl: TTL,
+        }));
+        let (due_tx, due_rx) = mpsc::channel(DUE_CAPACITY);
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        if let Some(timer) = &timer {
+            tasks.spawn(Arc::clone(timer).run(due_tx.clone(), stop.clone()));
+        }
+        let releases: Arc<dyn Releases> = engine.clone();
+        tasks.spawn(expire_due(
+            Arc::clone(&releases),
+            due_rx,
+            tasks.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(sweep(
+            releases,
+            due_tx,
+            Arc::new(Notify::new()),
+            SWEEP_EVERY,
+            stop.clone(),
+        ));
+        Timed {
+            engine,
+            inventory,
+            database,
+            announced,
+            payments,
+            timer,
+            clock,
+            ticket_type,
+            event_id,
+            stop,
+            tasks,
+        }
+    }
+
+    impl Timed {
+        fn available(&self) -> u32 {
+            self.inventory.pools(self.event_id).unwrap()[0].available
+        }
+
+        async fn reserve(&self, quantity: u32) -> Reservation {
+            match self
+                .engine
+                .reserve(
+                    UserId::new(),
+                    ReserveItems::new(vec![(self.ticket_type, Quantity::new(quantity).unwrap())])
+                        .unwrap(),
+                    None,
+                )
+                .await
+                .unwrap()
+            {
+                Idempotent::Fresh(reservation) => reservation,
+                Idempotent::Replayed(_) => panic!("no key was given"),
+            }
+        }
+
+        async fn pay(&self, reservation: &Reservation) -> Result<Status, EngineError> {
+            // The provider answers at once (a stored permit).
+            self.payments.answer.notify_one();
+            let paid = self
+                .engine
+                .pay(reservation.user_id, reservation.id, &token("tok_ok"), None)
+                .await?;
+            let Idempotent::Fresh(paid) = paid else {
+                panic!("no key was given")
+            };
+            Ok(paid.reservation.status)
+        }
+
+        fn stored(&self, id: ReservationId) -> Status {
+            self.database.reservations.lock().unwrap()[&id].status
+        }
+
+        /// Every committed release: (reservation, status, when).
+        fn releases(&self) -> Vec<(ReservationId, Status, Timestamp)> {
+            self.database
+                .committed
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|change| match change {
+                    Change::Release { id, status, at } => Some((*id, *status, *at)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.tasks.close();
+            self.tasks.wait().await;
+        }
+    }
+
+    /// Lets the spawned tasks run until `done` holds, without moving time (yielding never
+    /// parks the runtime, so paused time stands still); fails after 10,000 turns.
+    async fn settle(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    /// Lets the spawned tasks run their course for a while without moving time.
+    async fn idle() {
+        for _ in 0..1_000 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn left_alone_a_reservation_is_released_at_its_expires_at_and_not_a_millisecond_before() {
+        let t = timed(10, Source::Timer);
+        let reservation = t.reserve(3).await;
+        assert_eq!(
+            reservation.expires_at,
+            reservation.created_at.saturating_add(TTL)
+        );
+        tokio::time::advance(TTL - MS).await;
+        idle().await;
+        assert_eq!(t.available(), 7, "still held 1 ms before expires_at");
+        assert_eq!(t.stored(reservation.id), Status::Pending);
+
+        tokio::time::advance(MS).await;
+        settle("the release", || {
+            t.stored(reservation.id) == Status::Expired
+        })
+        .await;
+        assert_eq!(
+            t.releases(),
+            vec![(reservation.id, Status::Expired, reservation.expires_at)]
+        );
+        assert_eq!(t.available(), 10);
+        let last = t.announced.reservations.lock().unwrap().last().cloned();
+        assert_eq!(
+            last.map(|r| (r.id, r.status)),
+            Some((reservation.id, Status::Expired))
+        );
+        let pools = t
+            .announced
+            .pools
+            .lock()
+            .unwrap()
+            .last()
+            .map(|p| p.available);
+        assert_eq!(pools, Some(10), "subscribers hear the tickets came back");
+        assert!(t.timer.as_ref().unwrap().is_empty());
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_reservations_made_a_millisecond_apart_are_each_released_at_their_own_expires_at(
+    ) {
+        const MANY: u32 = 1_000;
+        let t = timed(MANY, Source::Timer);
+        let mut due = Vec::new();
+        for _ in 0..MANY {
+            let reservation = t.reserve(1).await;
+            due.push(reservation.expires_at);
+            tokio::time::advance(MS).await;
+        }
+        assert_eq!(t.available(), 0);
+        let last_due = *due.last().unwrap();
+        while t.clock.now() <= last_due {
+            let now = t.clock.now();
+            let expected = due.iter().filter(|at| **at <= now).count();
+            settle("the releases due by now", || t.releases().len() == expected).await;
+            tokio::time::advance(MS).await;
+        }
+        let releases = t.releases();
+        assert_eq!(releases.len(), MANY as usize);
+        for (id, status, at) in &releases {
+            let reservation = t.database.reservations.lock().unwrap()[id].clone();
+            assert_eq!(*status, Status::Expired);
+            assert_eq!(
+                *at, reservation.expires_at,
+                "{id} released at its expires_at"
+            );
+        }
+        assert_eq!(t.available(), MANY, "every ticket back in the pool");
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn payments_spread_around_expires_at_end_paid_before_it_and_expired_from_it() {
+        // Racers 0..50 pay at expires_at + ε, ε from −200 ms to +200 ms in order.
+        const RACERS: i64 = 50;
+        let quantities: Vec<u32> = (0..RACERS).map(|i| 1 + (i % 3) as u32).collect();
+        let capacity: u32 = quantities.iter().sum();
+        let t = timed(capacity, Source::Timer);
+        let mut reservations = Vec::new();
+        for quantity in &quantities {
+            reservations.push(t.reserve(*quantity).await);
+        }
+        let expires_at = reservations[0].expires_at;
+        assert!(reservations.iter().all(|r| r.expires_at == expires_at));
+        let mut paid_quantity = 0;
+        for (i, reservation) in reservations.iter().enumerate() {
+            let epsilon = -200 + (400 * i as i64) / (RACERS - 1);
+            let pay_at = Timestamp::from_millis(expires_at.as_millis() + epsilon);
+            let wait = t.clock.now().until(pay_at);
+            tokio::time::advance(wait).await;
+            let outcome = t.pay(reservation).await;
+            if epsilon < 0 {
+                assert!(
+                    matches!(outcome, Ok(Status::Paid)),
+                    "ε {epsilon}: {outcome:?}"
+                );
+                paid_quantity += quantities[i];
+            } else {
+                assert!(
+                    matches!(outcome, Err(EngineError::Expired)),
+                    "ε {epsilon}: {outcome:?}"
+                );
+            }
+        }
+        idle().await;
+        for (i, reservation) in reservations.iter().enumerate() {
+            let epsilon = -200 + (400 * i as i64) / (RACERS - 1);
+            let expected = if epsilon < 0 {
+                Status::Paid
+            } else {
+                Status::Expired
+            };
+            assert_eq!(t.stored(reservation.id), expected, "ε {epsilon}");
+        }
+        // Each expired one released once, never a paid one.
+        let released: Vec<ReservationId> = t.releases().iter().map(|r| r.0).collect();
+        let unique: std::collections::HashSet<_> = released.iter().collect();
+        assert_eq!(unique.len(), released.len(), "released twice: {released:?}");
+        assert_eq!(t.available(), capacity - paid_quantity);
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_payment_a_millisecond_before_expires_at_wins_and_the_timer_never_fires() {
+        let t = timed(10, Source::Timer);
+        let reservation = t.reserve(3).await;
+        tokio::time::advance(TTL - MS).await;
+        assert!(matches!(t.pay(&reservation).await, Ok(Status::Paid)));
+        assert!(t.timer.as_ref().unwrap().is_empty(), "expiry cancelled");
+        tokio::time::advance(SWEEP_EVERY * 2).await;
+        idle().await;
+        assert_eq!(t.stored(reservation.id), Status::Paid);
+        assert_eq!(t.releases(), vec![]);
+        assert_eq!(t.available(), 7);
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_payment_at_expires_at_before_any_source_delivered_is_expired_and_releases() {
+        let t = timed(10, Source::Lost);
+        let reservation = t.reserve(3).await;
+        tokio::time::advance(TTL).await;
+        let refused = t.pay(&reservation).await;
+        assert!(matches!(refused, Err(EngineError::Expired)), "{refused:?}");
+        assert_eq!(
+            t.releases(),
+            vec![(reservation.id, Status::Expired, reservation.expires_at)]
+        );
+        assert_eq!(t.available(), 10);
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_payment_after_the_timer_released_is_expired_and_changes_nothing() {
+        let t = timed(10, Source::Timer);
+        let reservation = t.reserve(3).await;
+        tokio::time::advance(TTL).await;
+        settle("the release", || {
+            t.stored(reservation.id) == Status::Expired
+        })
+        .await;
+        let refused = t.pay(&reservation).await;
+        assert!(matches!(refused, Err(EngineError::Expired)), "{refused:?}");
+        let cancelled = t.engine.cancel(reservation.user_id, reservation.id).await;
+        assert!(
+            matches!(cancelled, Err(EngineError::Expired)),
+            "{cancelled:?}"
+        );
+        assert_eq!(t.releases().len(), 1);
+        assert_eq!(t.available(), 10);
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_a_millisecond_before_expires_at_wins_and_the_timer_never_fires() {
+        let t = timed(10, Source::Timer);
+        let reservation = t.reserve(3).await;
+        tokio::time::advance(TTL - MS).await;
+        let cancelled = t
+            .engine
+            .cancel(reservation.user_id, reservation.id)
+            .await
+            .unwrap();
+        assert_eq!(cancelled.status, Status::Cancelled);
+        tokio::time::advance(SWEEP_EVERY * 2).await;
+        idle().await;
+        let cancelled_at = Timestamp::from_millis(reservation.expires_at.as_millis() - 1);
+        assert_eq!(
+            t.releases(),
+            vec![(reservation.id, Status::Cancelled, cancelled_at)]
+        );
+        assert_eq!(t.stored(reservation.id), Status::Cancelled);
+        assert_eq!(t.available(), 10);
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_at_expires_at_before_any_source_delivered_is_expired() {
+        let t = timed(10, Source::Lost);
+        let reservation = t.reserve(3).await;
+        tokio::time::advance(TTL).await;
+        let refused = t.engine.cancel(reservation.user_id, reservation.id).await;
+        assert!(matches!(refused, Err(EngineError::Expired)), "{refused:?}");
+        assert_eq!(t.stored(reservation.id), Status::Expired);
+        assert_eq!(t.available(), 10);
+        t.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_source_delivering_the_sweeper_releases_on_its_next_round() {
+        let t = timed(10, Source::Lost);
+        idle().await; // the sweeper's first round, at 0
+        let reservation = t.reserve(5).await;
+        tokio::time::advance(SWEEP_EVERY - MS).await;
+        idle().await;
+        assert_eq!(
+            t.stored(reservation.id),
+            Status::Pending,
+            "due, not yet swept"
+        );
+        tokio::time::advance(MS).await;
+        settle("the sweep", || t.stored(reservation.id) == Status::Expired).await;
+        let at = reservation.created_at.saturating_add(SWEEP_EVERY);
+        assert_eq!(t.releases(), vec![(reservation.id, Status::Expired, at)]);
+        assert_eq!(t.available(), 10);
+        t.stop().await;
+    }
+}

@@ -243,4 +243,39 @@ mod tests {
         assert!(timer.is_empty());
         stop.cancel();
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_tokio_time_rescheduling_moves_the_deadline_and_an_earlier_one_wakes_the_timer() {
+        let clock = Arc::new(TokioClock::new());
+        let timer = TimerExpiry::new(clock.clone());
+        let (due_tx, mut due) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+        let started = Instant::now();
+        let after = |ms: u64| clock.now().saturating_add(Duration::from_millis(ms));
+        let (moved, earlier, cancelled) = (
+            ReservationId::new(),
+            ReservationId::new(),
+            ReservationId::new(),
+        );
+        timer.schedule(moved, after(1_000));
+        timer.schedule(cancelled, after(200));
+        // Let the task go to sleep until the first deadline.
+        tokio::task::yield_now().await;
+        timer.schedule(moved, after(3_000));
+        timer.cancel(cancelled);
+        // Earlier than anything the task sleeps towards: it wakes for it.
+        timer.schedule(earlier, after(500));
+        assert_eq!(due.recv().await, Some(earlier));
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        assert_eq!(due.recv().await, Some(moved));
+        assert_eq!(started.elapsed(), Duration::from_millis(3_000));
+        let nothing = tokio::time::timeout(Duration::from_secs(60), due.recv()).await;
+        assert!(
+            nothing.is_err(),
+            "the cancelled one never falls due: {nothing:?}"
+        );
+        assert!(timer.is_empty());
+        stop.cancel();
+    }
 }

@@ -50,7 +50,72 @@ struct LongPoll {
     calls: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// What a GET got.
+#[derive(Debug, PartialEq, Eq)]
+enum Polled {
+    /// Messages after the cursor; empty at the poll timeout, when a newer GET of the
+    /// session came, when the session was closed, or at shutdown.
+    Messages(Vec<(u64, String)>),
+    /// The outbox overflowed: the session must expire.
+    Overflowed,
+}
+
 impl LongPoll {
+    fn new(session: Arc<Session>, outbox: Arc<Outbox>) -> Self {
+        Self {
+            session,
+            outbox,
+            last_seen: Mutex::new(Instant::now()),
+            poll_generation: AtomicU64::new(0),
+            preempt: Notify::new(),
+            polls_waiting: AtomicU64::new(0),
+            calls: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Waits up to `timeout` for notifications after `cursor`. Counts as a GET in progress
+    /// while it waits, and answers any older GET of the session at once. `counted` runs
+    /// once this GET has taken its turn (so a GET seen counted is one a newer GET answers
+    /// at once); what it returns is held while the GET waits.
+    async fn wait<G>(
+        &self,
+        cursor: u64,
+        timeout: Duration,
+        shutdown: &CancellationToken,
+        counted: impl FnOnce() -> G,
+    ) -> Polled {
+        self.touch();
+        let _polling = self.polling();
+        let generation = self.poll_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        // An older GET of this session answers now with what it has (nothing).
+        self.preempt.notify_waiters();
+        let _counted = counted();
+        let deadline = Instant::now() + timeout;
+        let polled = loop {
+            if self.outbox.overflowed() {
+                return Polled::Overflowed;
+            }
+            let messages = self.outbox.poll(cursor);
+            if !messages.is_empty() {
+                break messages;
+            }
+            let preempted = self.preempt.notified();
+            tokio::pin!(preempted);
+            preempted.as_mut().enable();
+            if self.poll_generation.load(Ordering::SeqCst) != generation {
+                break Vec::new();
+            }
+            tokio::select! {
+                () = self.outbox.wait() => {}
+                () = &mut preempted => break Vec::new(),
+                () = tokio::time::sleep_until(deadline) => break Vec::new(),
+                () = shutdown.cancelled() => break Vec::new(),
+            }
+        };
+        self.touch();
+        Polled::Messages(polled)
+    }
+
     fn touch(&self) {
         *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
@@ -110,17 +175,35 @@ impl LongPollSessions {
     }
 
     fn remove(&self, app: &App, id: &str, why: &'static str) -> bool {
-        match self.sessions.remove(id) {
-            Some((_, lp)) => {
+        match self.take(id) {
+            Some(lp) => {
                 app.metrics.connection_closed("longpoll");
                 tracing::info!(session = lp.session.id, why, "long-poll session closed");
-                // A waiting GET ends now rather than at its timeout.
-                lp.poll_generation.fetch_add(1, Ordering::SeqCst);
-                lp.preempt.notify_waiters();
                 true
             }
             None => false,
         }
+    }
+
+    /// Takes a session out of the table; a GET waiting on it ends now rather than at its
+    /// timeout.
+    fn take(&self, id: &str) -> Option<Arc<LongPoll>> {
+        let (_, lp) = self.sessions.remove(id)?;
+        lp.poll_generation.fetch_add(1, Ordering::SeqCst);
+        lp.preempt.notify_waiters();
+        Some(lp)
+    }
+
+    /// The sessions to expire: idle past `timeout` with no GET waiting, or overflowed.
+    fn expired(&self, timeout: Duration) -> Vec<String> {
+        self.sessions
+            .iter()
+            .filter(|entry| {
+                let lp = entry.value();
+                lp.is_idle_past(timeout) || lp.outbox.overflowed()
+            })
+            .map(|entry| entry.key().clone())
+            .collect()
     }
 
     /// Expires sessions idle past the timeout, until `stop`.
@@ -131,17 +214,7 @@ impl LongPollSessions {
                 _ = every.tick() => {}
                 () = stop.cancelled() => return,
             }
-            let timeout = app.settings.session_timeout;
-            let idle: Vec<String> = sessions
-                .sessions
-                .iter()
-                .filter(|entry| {
-                    let lp = entry.value();
-                    lp.is_idle_past(timeout) || lp.outbox.overflowed()
-                })
-                .map(|entry| entry.key().clone())
-                .collect();
-            for id in idle {
+            for id in sessions.expired(app.settings.session_timeout) {
                 sessions.remove(&app, &id, "idle past the session timeout");
             }
         }
@@ -191,18 +264,9 @@ pub async fn open(
     let id = hex::encode(rand::random::<[u8; 16]>());
     tracing::info!(session = session.id, "long-poll session opened");
     app.metrics.connection_opened("longpoll");
-    sessions.sessions.insert(
-        id.clone(),
-        Arc::new(LongPoll {
-            session,
-            outbox,
-            last_seen: Mutex::new(Instant::now()),
-            poll_generation: AtomicU64::new(0),
-            preempt: Notify::new(),
-            polls_waiting: AtomicU64::new(0),
-            calls: Arc::new(tokio::sync::Mutex::new(())),
-        }),
-    );
+    sessions
+        .sessions
+        .insert(id.clone(), Arc::new(LongPoll::new(session, outbox)));
     let body = json!({
         "session": id,
         "poll_timeout_ms": app.settings.poll_timeout.as_millis() as u64,
@@ -254,38 +318,21 @@ pub async fn poll(
     let Some(lp) = sessions.get(&id) else {
         return gone();
     };
-    lp.touch();
-    let _polling = lp.polling();
-    let generation = lp.poll_generation.fetch_add(1, Ordering::SeqCst) + 1;
-    // An older GET of this session answers now with what it has (nothing).
-    lp.preempt.notify_waiters();
-    // Counted after the generation is taken: a GET counted here is the one a newer GET
-    // answers at once.
-    let _waiting = app.metrics.get_waiting();
-    let deadline = Instant::now() + app.settings.poll_timeout;
-    let messages = loop {
-        if lp.outbox.overflowed() {
+    let polled = lp
+        .wait(
+            query.cursor,
+            app.settings.poll_timeout,
+            &app.shutdown,
+            || app.metrics.get_waiting(),
+        )
+        .await;
+    let messages = match polled {
+        Polled::Messages(messages) => messages,
+        Polled::Overflowed => {
             sessions.remove(&app, &id, "too many undelivered notifications");
             return gone();
         }
-        let messages = lp.outbox.poll(query.cursor);
-        if !messages.is_empty() {
-            break messages;
-        }
-        let preempted = lp.preempt.notified();
-        tokio::pin!(preempted);
-        preempted.as_mut().enable();
-        if lp.poll_generation.load(Ordering::SeqCst) != generation {
-            break Vec::new();
-        }
-        tokio::select! {
-            () = lp.outbox.wait() => {}
-            () = &mut preempted => break Vec::new(),
-            () = tokio::time::sleep_until(deadline) => break Vec::new(),
-            () = app.shutdown.cancelled() => break Vec::new(),
-        }
     };
-    lp.touch();
     // Closed or expired while this GET waited: say so now rather than at the next poll.
     if messages.is_empty() && sessions.get(&id).is_none() {
         return gone();
@@ -338,5 +385,153 @@ mod tests {
             json!({"cursor": 7, "messages": [{"seq": 6, "message": {"a": 1}}, {"seq": 7, "message": {"b": 2}}]})
         );
         assert_eq!(poll_body(3, &[]), "{\"cursor\":3,\"messages\":[]}");
+    }
+
+    /// Long-poll timing on tokio's paused time: the GET timeout and the idle timeout, to
+    /// the millisecond, in no real time.
+    mod on_tokio_time {
+        use super::*;
+
+        const POLL_TIMEOUT: Duration = Duration::from_millis(1_000);
+        const SESSION_TIMEOUT: Duration = Duration::from_millis(5_000);
+        const MS: Duration = Duration::from_millis(1);
+
+        fn session(capacity: usize) -> Arc<LongPoll> {
+            Arc::new(LongPoll::new(
+                Arc::new(Session::new(Transport::LongPoll, None)),
+                Outbox::new(capacity),
+            ))
+        }
+
+        fn table(lp: &Arc<LongPoll>) -> LongPollSessions {
+            let sessions = LongPollSessions::default();
+            sessions.sessions.insert("s".into(), Arc::clone(lp));
+            sessions
+        }
+
+        fn empty() -> Polled {
+            Polled::Messages(Vec::new())
+        }
+
+        /// A GET of `lp` in a task of its own, with when it ended.
+        fn spawn_get(
+            lp: &Arc<LongPoll>,
+            cursor: u64,
+        ) -> tokio::task::JoinHandle<(Polled, Instant)> {
+            let lp = Arc::clone(lp);
+            tokio::spawn(async move {
+                let polled = lp
+                    .wait(cursor, POLL_TIMEOUT, &CancellationToken::new(), || ())
+                    .await;
+                (polled, Instant::now())
+            })
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_get_with_nothing_to_deliver_is_answered_empty_at_its_poll_timeout() {
+            let lp = session(8);
+            let started = Instant::now();
+            let (polled, ended) = spawn_get(&lp, 0).await.unwrap();
+            assert_eq!(polled, empty());
+            assert_eq!(ended - started, POLL_TIMEOUT);
+
+            // With a cursor past a delivered message, the same: nothing, at the timeout.
+            lp.outbox.push_event("{\"n\":1}".into());
+            let (polled, _) = spawn_get(&lp, 0).await.unwrap();
+            assert_eq!(polled, Polled::Messages(vec![(1, "{\"n\":1}".into())]));
+            let started = Instant::now();
+            let (polled, ended) = spawn_get(&lp, 1).await.unwrap();
+            assert_eq!(polled, empty());
+            assert_eq!(ended - started, POLL_TIMEOUT);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_waiting_get_answers_when_a_notification_arrives_not_at_its_timeout() {
+            let lp = session(8);
+            let started = Instant::now();
+            let waiting = spawn_get(&lp, 0);
+            tokio::time::advance(Duration::from_millis(300)).await;
+            lp.outbox.push_event("{\"n\":1}".into());
+            let (polled, ended) = waiting.await.unwrap();
+            assert_eq!(polled, Polled::Messages(vec![(1, "{\"n\":1}".into())]));
+            assert_eq!(ended - started, Duration::from_millis(300));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_newer_get_answers_the_older_one_at_once_with_nothing() {
+            let lp = session(8);
+            let older = spawn_get(&lp, 0);
+            tokio::time::advance(Duration::from_millis(100)).await;
+            let started = Instant::now();
+            let newer = spawn_get(&lp, 0);
+            let (polled, ended) = older.await.unwrap();
+            assert_eq!((polled, ended), (empty(), started));
+            let (polled, ended) = newer.await.unwrap();
+            assert_eq!((polled, ended - started), (empty(), POLL_TIMEOUT));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_session_expires_after_its_idle_timeout_and_not_while_a_get_waits() {
+            let lp = session(8);
+            let sessions = table(&lp);
+            tokio::time::advance(SESSION_TIMEOUT).await;
+            assert!(
+                sessions.expired(SESSION_TIMEOUT).is_empty(),
+                "idle 5 s: not past"
+            );
+            tokio::time::advance(MS).await;
+            assert_eq!(sessions.expired(SESSION_TIMEOUT), vec!["s".to_owned()]);
+
+            // A GET waiting longer than the idle timeout keeps it in use; idle counts from
+            // the GET's end.
+            let lp = session(8);
+            let sessions = table(&lp);
+            let long = Arc::clone(&lp);
+            let waiting = tokio::spawn(async move {
+                long.wait(0, SESSION_TIMEOUT * 2, &CancellationToken::new(), || ())
+                    .await
+            });
+            tokio::time::advance(SESSION_TIMEOUT + MS).await;
+            assert!(
+                sessions.expired(SESSION_TIMEOUT).is_empty(),
+                "a GET is waiting"
+            );
+            tokio::time::advance(SESSION_TIMEOUT).await;
+            assert_eq!(waiting.await.unwrap(), empty());
+            tokio::time::advance(SESSION_TIMEOUT).await;
+            assert!(sessions.expired(SESSION_TIMEOUT).is_empty());
+            tokio::time::advance(MS).await;
+            assert_eq!(sessions.expired(SESSION_TIMEOUT), vec!["s".to_owned()]);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_expired_session_is_forgotten_and_its_waiting_get_ends_at_once() {
+            let lp = session(8);
+            let sessions = table(&lp);
+            let waiting = spawn_get(&lp, 0);
+            tokio::time::advance(Duration::from_millis(200)).await;
+            let taken_at = Instant::now();
+            assert!(sessions.take("s").is_some());
+            let (polled, ended) = waiting.await.unwrap();
+            assert_eq!((polled, ended), (empty(), taken_at));
+            // The handlers answer 410 to what is no longer in the table.
+            assert!(sessions.get("s").is_none());
+            assert!(sessions.take("s").is_none());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_overflowed_session_is_expired_by_a_get_and_by_the_sweep() {
+            let lp = session(1);
+            let sessions = table(&lp);
+            lp.outbox.push_event("{}".into());
+            assert!(
+                sessions.expired(SESSION_TIMEOUT).is_empty(),
+                "full is not over"
+            );
+            lp.outbox.push_event("{}".into());
+            assert_eq!(sessions.expired(SESSION_TIMEOUT), vec!["s".to_owned()]);
+            let (polled, _) = spawn_get(&lp, 0).await.unwrap();
+            assert_eq!(polled, Polled::Overflowed);
+        }
     }
 }

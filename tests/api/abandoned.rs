@@ -370,7 +370,17 @@ async fn long_poll_calls_of_one_session_run_in_order() {
             let email = format!("lp-{}@example.com", ticket_api::core::UserId::new());
             let register = post(json!({"jsonrpc": "2.0", "id": 1, "method": "auth.register",
             "params": {"email": email, "password": "long-enough"}}));
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // The reserve is sent once the register has arrived: running, or already done.
+            crate::harness::poll_until(
+                Duration::from_secs(10),
+                "the register to arrive",
+                || async {
+                    (app.app.metrics.calls_in_flight("auth.register") == 1
+                        || register.is_finished())
+                    .then_some(())
+                },
+            )
+            .await;
             let reserve = post(
                 json!({"jsonrpc": "2.0", "id": 2, "method": "tickets.reserve",
             "params": {"items": [{"ticket_type_id": tt, "quantity": 1}]}}),

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -397,9 +398,12 @@ async fn sigterm_commits_every_acknowledged_reservation_before_exit(db: Arc<Data
     ) = open_shop(db, "Shutdown test", 100_000).await;
 
     let mut streams = Vec::new();
+    // Acknowledged so far, over every stream.
+    let streamed = Arc::new(AtomicUsize::new(0));
     for _ in 0..8 {
         let mut ws = server.ws_as(&token).await;
         let tt = tt.clone();
+        let streamed = Arc::clone(&streamed);
         streams.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             let request = json!({"items": [{"ticket_type_id": tt, "quantity": 1}]});
@@ -408,7 +412,8 @@ async fn sigterm_commits_every_acknowledged_reservation_before_exit(db: Arc<Data
                 ws.send_text(call.to_string()).await;
                 match ws.next_text().await {
                     Ok(response) if response["result"]["id"].is_string() => {
-                        acknowledged.push(response["result"]["id"].as_str().unwrap().to_owned())
+                        acknowledged.push(response["result"]["id"].as_str().unwrap().to_owned());
+                        streamed.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(response) => panic!("a reservation failed before shutdown: {response}"),
                     Err(_) => break,
@@ -417,7 +422,13 @@ async fn sigterm_commits_every_acknowledged_reservation_before_exit(db: Arc<Data
             acknowledged
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // SIGTERM once reservations are streaming in.
+    poll_until(
+        Duration::from_secs(20),
+        "reservations to stream in",
+        || async { (streamed.load(Ordering::SeqCst) >= 50).then_some(()) },
+    )
+    .await;
     let pid = server.child.id().expect("running").to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])

@@ -29,7 +29,13 @@ use crate::harness::{
     redis_server_binary_available, test_settings, with_app, Backend, TestApp, REDIS_URL,
 };
 
-/// The reservation TTL of these tests.
+/// The reservation TTL of the tests that only wait for it to run out. The exact moments
+/// (released at `expires_at`, not before; payments either side of it; the sweeper's round)
+/// are pinned down on paused time in `engine::tests::on_tokio_time`; here the real server
+/// shows it end to end, on each database and each expiry source.
+const SHORT_TTL: Duration = Duration::from_millis(500);
+/// The reservation TTL of the tests that must do something (kill Redis, write foreign
+/// keys) while the reservations are still pending.
 const TTL: Duration = Duration::from_secs(2);
 /// How late a release may be when its expiry source works: PROTOCOL's TTL, plus 1 s.
 const MAX_LAG_MS: i64 = 1_000;
@@ -52,10 +58,10 @@ fn on_redis(url: &str, prefix: &str, ttl: Duration) -> impl FnOnce(&mut Settings
     }
 }
 
-/// Settings: the in-process timer and a reservation TTL of 2 s.
+/// Settings: the in-process timer and a reservation TTL of 0.5 s.
 fn on_timer(s: &mut Settings) {
     s.redis_url = None;
-    s.reservation_ttl = TTL;
+    s.reservation_ttl = SHORT_TTL;
 }
 
 /// A connected Redis client for the test itself. Its event buffer is large: the tests
@@ -274,9 +280,11 @@ pub(crate) mod redis_expiry {
             return;
         }
         let prefix = test_prefix();
-        with_app(Backend::Sqlite, on_redis(REDIS_URL, &prefix, TTL), |app| {
-            a_thousand_reservations_expire(app, "Redis, SQLite")
-        })
+        with_app(
+            Backend::Sqlite,
+            on_redis(REDIS_URL, &prefix, SHORT_TTL),
+            |app| a_thousand_reservations_expire(app, "Redis, SQLite"),
+        )
         .await;
     }
 
@@ -289,7 +297,7 @@ pub(crate) mod redis_expiry {
         let prefix = test_prefix();
         with_app(
             Backend::Postgres,
-            on_redis(REDIS_URL, &prefix, TTL),
+            on_redis(REDIS_URL, &prefix, SHORT_TTL),
             |app| a_thousand_reservations_expire(app, "Redis, PostgreSQL"),
         )
         .await;
@@ -818,7 +826,7 @@ pub(crate) mod redis_expiry {
         let prefix = test_prefix();
         with_app(
             Backend::Sqlite,
-            on_redis(&redis.url(), &prefix, TTL),
+            on_redis(&redis.url(), &prefix, SHORT_TTL),
             |app| async move {
                 wait_healthy(&app, Duration::from_secs(5)).await;
                 let admin = app.quick_admin().await;
@@ -857,7 +865,7 @@ pub(crate) mod redis_expiry {
         let prefix = test_prefix();
         with_app(
             Backend::Sqlite,
-            on_redis(&url, &prefix, TTL),
+            on_redis(&url, &prefix, SHORT_TTL),
             |app| async move {
                 let (status, body) = health(&app).await;
                 assert_eq!(
@@ -915,9 +923,11 @@ pub(crate) mod redis_expiry {
             return;
         }
         let prefix = test_prefix();
-        with_app(Backend::Sqlite, on_redis(REDIS_URL, &prefix, TTL), |app| {
-            payment_racing_expiry(app)
-        })
+        with_app(
+            Backend::Sqlite,
+            on_redis(REDIS_URL, &prefix, SHORT_TTL),
+            payment_racing_expiry,
+        )
         .await;
     }
 }

@@ -16,7 +16,7 @@ fn first_pool(params: &Value) -> (u64, u64) {
     )
 }
 
-backend_tests_with! { |s: &mut ticket_api::config::Settings| s.reservation_ttl = Duration::from_secs(2);
+backend_tests_with! { |s: &mut ticket_api::config::Settings| s.reservation_ttl = Duration::from_secs(1);
     async fn a_subscriber_sees_the_reserve_and_the_expiry_and_the_owner_hears_of_it(app) {
         let admin = app.quick_admin().await;
         let (event_id, types) = app.create_pools(&admin, &[(10, json!({"kind": "any"}))]).await;

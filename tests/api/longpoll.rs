@@ -76,7 +76,7 @@ async fn a_client_that_loses_poll_responses_sees_every_notification_once_and_in_
     const CYCLES: usize = 1_000;
     let tweak = |s: &mut Settings| {
         unlimited(s);
-        s.poll_timeout = Duration::from_secs(1);
+        s.poll_timeout = Duration::from_millis(200);
     };
     with_app(Backend::Sqlite, tweak, |app| async move {
         let admin = app.quick_admin().await;
@@ -85,7 +85,7 @@ async fn a_client_that_loses_poll_responses_sees_every_notification_once_and_in_
             .await;
         let (_, token) = app.quick_customer().await;
         let session = app.long_poll(Some(&token)).await;
-        assert_eq!(session.poll_timeout_ms, 1_000);
+        assert_eq!(session.poll_timeout_ms, 200);
 
         let poller = async {
             let mut rng = StdRng::seed_from_u64(0x10e5);
@@ -350,9 +350,13 @@ async fn timed_get(session: &LongPollClient, cursor: u64) -> ((u16, Value), Dura
     (answer, started.elapsed())
 }
 
+/// End to end over HTTP; the timeout to the millisecond, a notification ending the wait and
+/// a newer GET answering an older one are pinned down on paused time in
+/// `transport::longpoll::tests::on_tokio_time`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_with_nothing_to_deliver_returns_empty_after_the_poll_timeout() {
-    let tweak = |s: &mut Settings| s.poll_timeout = Duration::from_secs(1);
+    const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+    let tweak = |s: &mut Settings| s.poll_timeout = POLL_TIMEOUT;
     with_app(Backend::Sqlite, tweak, |app| async move {
         let admin = app.quick_admin().await;
         let (_, types) = app
@@ -360,12 +364,12 @@ async fn a_get_with_nothing_to_deliver_returns_empty_after_the_poll_timeout() {
             .await;
         let (_, token) = app.quick_customer().await;
         let mut session = app.long_poll(Some(&token)).await;
-        assert_eq!(session.poll_timeout_ms, 1_000);
+        assert_eq!(session.poll_timeout_ms, 200);
 
         let ((status, body), waited) = timed_get(&session, 0).await;
         assert_eq!((status, body), (200, json!({"cursor": 0, "messages": []})));
         assert!(
-            waited >= Duration::from_secs(1) && waited < Duration::from_secs(3),
+            waited >= POLL_TIMEOUT && waited < POLL_TIMEOUT + Duration::from_secs(2),
             "waited {waited:?}"
         );
 
@@ -376,7 +380,7 @@ async fn a_get_with_nothing_to_deliver_returns_empty_after_the_poll_timeout() {
         let ((status, body), waited) = timed_get(&session, 1).await;
         assert_eq!((status, body), (200, json!({"cursor": 1, "messages": []})));
         assert!(
-            waited >= Duration::from_secs(1) && waited < Duration::from_secs(3),
+            waited >= POLL_TIMEOUT && waited < POLL_TIMEOUT + Duration::from_secs(2),
             "waited {waited:?}"
         );
     })
