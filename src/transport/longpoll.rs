@@ -450,6 +450,7 @@ mod tests {
             let lp = session(8);
             let started = Instant::now();
             let waiting = spawn_get(&lp, 0);
+            tokio::task::yield_now().await; // the GET starts waiting before time moves
             tokio::time::advance(Duration::from_millis(300)).await;
             lp.outbox.push_event("{\"n\":1}".into());
             let (polled, ended) = waiting.await.unwrap();
@@ -461,6 +462,7 @@ mod tests {
         async fn a_newer_get_answers_the_older_one_at_once_with_nothing() {
             let lp = session(8);
             let older = spawn_get(&lp, 0);
+            tokio::task::yield_now().await; // the GET starts waiting before time moves
             tokio::time::advance(Duration::from_millis(100)).await;
             let started = Instant::now();
             let newer = spawn_get(&lp, 0);
@@ -491,6 +493,8 @@ mod tests {
                 long.wait(0, SESSION_TIMEOUT * 2, &CancellationToken::new(), || ())
                     .await
             });
+            // `advance` moves the clock before it yields: let the GET start waiting at 0.
+            tokio::task::yield_now().await;
             tokio::time::advance(SESSION_TIMEOUT + MS).await;
             assert!(
                 sessions.expired(SESSION_TIMEOUT).is_empty(),
@@ -509,6 +513,7 @@ mod tests {
             let lp = session(8);
             let sessions = table(&lp);
             let waiting = spawn_get(&lp, 0);
+            tokio::task::yield_now().await; // the GET starts waiting before time moves
             tokio::time::advance(Duration::from_millis(200)).await;
             let taken_at = Instant::now();
             assert!(sessions.take("s").is_some());

@@ -35,7 +35,7 @@ use crate::harness::{
 /// shows it end to end, on each database and each expiry source.
 const SHORT_TTL: Duration = Duration::from_millis(500);
 /// The reservation TTL of the tests that must do something (kill Redis, write foreign
-/// keys) while the reservations are still pending.
+/// keys, pay on either side of `expires_at`) while the reservations are still pending.
 const TTL: Duration = Duration::from_secs(2);
 /// How late a release may be when its expiry source works: PROTOCOL's TTL, plus 1 s.
 const MAX_LAG_MS: i64 = 1_000;
@@ -925,7 +925,7 @@ pub(crate) mod redis_expiry {
         let prefix = test_prefix();
         with_app(
             Backend::Sqlite,
-            on_redis(REDIS_URL, &prefix, SHORT_TTL),
+            on_redis(REDIS_URL, &prefix, TTL),
             payment_racing_expiry,
         )
         .await;
@@ -955,7 +955,17 @@ mod timer_expiry {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_payment_racing_expiry_ends_either_paid_or_expired_never_both_never_lost() {
-        with_app(Backend::Sqlite, on_timer, payment_racing_expiry).await;
+        // TTL, not SHORT_TTL: the 50 reservations must all be held before the first falls due,
+        // or the early payers would quietly turn into expired ones and race nothing.
+        with_app(
+            Backend::Sqlite,
+            |s: &mut Settings| {
+                on_timer(s);
+                s.reservation_ttl = TTL;
+            },
+            payment_racing_expiry,
+        )
+        .await;
     }
 }
 

@@ -211,6 +211,20 @@ backend_tests! {
         assert_eq!(app.pool(&event_id, 0).await, before);
     }
 
+    /// A repeat is a fault of the params' shape: found before any ticket type is looked up,
+    /// so it wins over an unknown or foreign ticket type earlier in the list.
+    async fn a_repeat_is_found_before_an_unknown_ticket_type(app) {
+        let (event_id, tt) = one_pool(&app, 10, json!({"kind": "any"})).await;
+        let before = app.pool(&event_id, 0).await;
+        let (_, token) = app.quick_customer().await;
+        let unknown = uuid::Uuid::new_v4().to_string();
+        let response = app
+            .rpc("tickets.reserve", reserve_params(&[(&tt, 1), (&unknown, 1), (&tt, 2)]), Some(&token))
+            .await;
+        assert_invalid_params(&response, "items[2].ticket_type_id");
+        assert_eq!(app.pool(&event_id, 0).await, before);
+    }
+
     async fn items_of_two_events_are_invalid_params(app) {
         let (first_event, first) = one_pool(&app, 10, json!({"kind": "any"})).await;
         let (second_event, second) = one_pool(&app, 10, json!({"kind": "any"})).await;
