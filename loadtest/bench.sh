@@ -101,6 +101,16 @@ redis://127.* | redis://localhost* | redis://\[::1\]*) ;;
 	exit 2
 	;;
 esac
+# The servers get their database and Redis from the flags below only, never from the
+# caller's environment (which could point them at a database that is not loopback, or not ours).
+unset DATABASE_URL "${!TICKET_API_@}"
+export -n REDIS_URL
+for tool in curl jq psql; do
+	command -v "$tool" >/dev/null || {
+		log "needs $tool on PATH"
+		exit 2
+	}
+done
 wants() { [[ " $PHASES " == *" $1 "* ]]; }
 
 if [[ ${NO_BUILD:-0} != 1 ]]; then

@@ -78,7 +78,8 @@ impl Consistency {
             ticket_types: 1,
             mismatched_types: 0,
         };
-        c.mismatched_types = usize::from(!c.totals_ok());
+        // More acknowledged than exists is an oversell even when both counts read 0.
+        c.mismatched_types = usize::from(!c.totals_ok() || acknowledged > capacity);
         c
     }
 
@@ -380,6 +381,13 @@ mod tests {
             "{}",
             fine.line()
         );
+    }
+
+    #[test]
+    fn more_acknowledged_than_exists_is_oversold_even_at_zero_available() {
+        let c = Consistency::one(100, 101, 0, 0);
+        assert_eq!((c.available, c.expected_available), (0, 0));
+        assert!(!c.is_ok());
     }
 
     #[test]
