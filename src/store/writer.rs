@@ -144,13 +144,18 @@ impl Writer {
     /// `stop` is cancelled (or every handle is dropped), and commits everything queued
     /// before it ends.
     ///
-    /// Several commits in flight cannot reorder the changes of one reservation: the
-    /// engine answers a reserve only after its commit and starts a release or payment only
-    /// on a reservation it holds in memory as committed (reserved here, restored from the
-    /// database at start, or replayed from a stored idempotency key, which is itself
-    /// committed), and it never begins a second change of a reservation before the first
-    /// has its answer. So at most one change per reservation is ever queued or in flight,
-    /// and the change before it is already committed.
+    /// Several commits in flight cannot commit a release or payment before the reservation
+    /// it changes:
+    /// - A reservation's id leaves the server only in the answer to its reserve, sent after
+    ///   the commit; an idempotent replay waits on the key's lock for the first call and
+    ///   then reads the stored (committed) answer; recovery loads only committed rows. So a
+    ///   client cannot cancel or pay a reservation that is not committed.
+    /// - Expiry is scheduled only after the commit. The one path that can reach an
+    ///   uncommitted reservation is the sweeper, if a commit takes longer than the whole
+    ///   TTL: its release then finds no pending row (`status = 'pending'` is checked and
+    ///   counted per row), is refused alone, and is retried by a later sweep.
+    /// - The inventory lets one change of a reservation be under way at a time (releasing
+    ///   or paying), and the engine begins the next only after the first has its answer.
     pub fn start(
         storage: Arc<dyn BatchStorage>,
         metrics: Arc<Metrics>,
@@ -342,8 +347,7 @@ async fn probe(shared: &Shared) {
     let mut unsettled = std::mem::take(&mut *lock(&shared.unsettled));
     while let Some(next) = unsettled.last() {
         let committed =
-            match tokio::time::timeout(PROBE_TIMEOUT, storage.batch_committed(&next.batch)).await
-            {
+            match tokio::time::timeout(PROBE_TIMEOUT, storage.batch_committed(&next.batch)).await {
                 Ok(Ok(committed)) => committed,
                 _ => {
                     lock(&shared.unsettled).extend(unsettled);

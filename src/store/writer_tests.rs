@@ -220,7 +220,10 @@ async fn a_refused_row_fails_only_its_own_change() {
     assert_eq!(first.await.unwrap(), Ok(()));
     let [a_done, bad_done, c_done] = others;
     assert_eq!(a_done.await.unwrap(), Ok(()));
-    assert!(matches!(bad_done.await.unwrap(), Err(WriteError::Failed(_))));
+    assert!(matches!(
+        bad_done.await.unwrap(),
+        Err(WriteError::Failed(_))
+    ));
     assert_eq!(c_done.await.unwrap(), Ok(()));
     assert!(!storage.committed().contains(&bad));
     assert!(storage.committed().contains(&a) && storage.committed().contains(&c));
@@ -239,7 +242,9 @@ async fn an_unreachable_database_fails_the_batch_and_refuses_until_a_probe_gets_
     assert!(writer.health().is_down());
 
     let calls = storage.calls();
-    let refused = writer.commit(release(ReservationId::new()), None).now_or_never();
+    let refused = writer
+        .commit(release(ReservationId::new()), None)
+        .now_or_never();
     assert_eq!(refused, Some(Err(WriteError::Down)), "refused at once");
     assert_eq!(storage.calls(), calls, "nothing reached the database");
 
@@ -263,8 +268,13 @@ async fn a_commit_of_unknown_outcome_holds_its_callers_until_a_probe_settles_it(
         let held = submit(&writer, id);
         until("storage marked down", || writer.health().is_down()).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(!held.is_finished(), "neither answered nor undone while unknown");
-        let refused = writer.commit(release(ReservationId::new()), None).now_or_never();
+        assert!(
+            !held.is_finished(),
+            "neither answered nor undone while unknown"
+        );
+        let refused = writer
+            .commit(release(ReservationId::new()), None)
+            .now_or_never();
         assert_eq!(refused, Some(Err(WriteError::Down)));
 
         storage.reachable(true);
@@ -290,7 +300,9 @@ async fn a_full_queue_is_refused_at_once() {
     let queued_ones = [(); 2].map(|()| submit(&writer, ReservationId::new()));
     until("the queue is full", || queued(&writer) == 2).await;
 
-    let refused = writer.commit(release(ReservationId::new()), None).now_or_never();
+    let refused = writer
+        .commit(release(ReservationId::new()), None)
+        .now_or_never();
     assert_eq!(refused, Some(Err(WriteError::QueueFull)));
 
     storage.hold_commits(false);
@@ -309,10 +321,17 @@ async fn with_two_connections_two_batches_are_in_flight_at_once() {
     let first = submit(&writer, ReservationId::new());
     until("the first commit started", || storage.calls() == 1).await;
     let second = submit(&writer, ReservationId::new());
-    until("the second commit started beside it", || storage.calls() == 2).await;
+    until("the second commit started beside it", || {
+        storage.calls() == 2
+    })
+    .await;
     let third = submit(&writer, ReservationId::new());
     until("the third change queued", || queued(&writer) == 1).await;
-    assert_eq!(storage.calls(), 2, "no third commit while both connections are busy");
+    assert_eq!(
+        storage.calls(),
+        2,
+        "no third commit while both connections are busy"
+    );
     storage.hold_commits(false);
     for done in [first, second, third] {
         assert_eq!(done.await.unwrap(), Ok(()));
