@@ -1,5 +1,5 @@
-//! Reservations, payments and idempotency keys: the group commit of the writer, the
-//! recovery queries, and the reads of `reservations.get` / `reservations.list`.
+//! Reservations, payments and idempotency keys: the recovery queries and the reads of
+//! `reservations.get` / `reservations.list` (the writer's commits are in `batches`).
 
 use std::collections::HashMap;
 
