@@ -5,12 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use ticket_api::config::{Cli, Command, LogFormat};
 
-/// mimalloc: per-thread free lists make the many small allocations of each call (frames,
-/// JSON values, futures) cheaper than glibc's malloc, and it returns freed memory to the
-/// system instead of keeping per-thread arenas.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
