@@ -154,7 +154,7 @@ pub struct Settings {
 
     /// Transactions the writer keeps in flight on PostgreSQL, each on its own connection
     /// (SQLite commits one at a time whatever this says).
-    #[arg(long, env = "TICKET_API_WRITER_CONNECTIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16), global = true)]
+    #[arg(long, env = "TICKET_API_WRITER_CONNECTIONS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16), global = true)]
     pub writer_connections: u32,
 
     /// A WebSocket whose writes stall this long (the client stopped reading) is sent close
