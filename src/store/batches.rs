@@ -2,9 +2,11 @@
 //! the group commit is the hot path of every durable change, and each database has its
 //! own fastest shape for it.
 //!
-//! - PostgreSQL: one statement per table per batch whatever its size, the rows passed as
-//!   arrays and expanded with `UNNEST`, so the SQL text is constant and sqlx's
-//!   per-connection prepared-statement cache parses and plans it once.
+//! - PostgreSQL: one statement per kind of change per batch whatever its size (the marker,
+//!   the reservations and their items together; the status changes; the payments; the
+//!   idempotency keys), the rows passed as arrays and expanded with `UNNEST`, so the SQL
+//!   text is constant and sqlx's per-connection prepared-statement cache parses and plans
+//!   it once. A batch of reserves is three round trips: BEGIN, one statement, COMMIT.
 //! - SQLite: one prepared single-row statement per row, executed inside the one
 //!   transaction; SQLite has no round trips, and a reused statement is its cheapest
 //!   insert.
@@ -147,15 +149,18 @@ struct PostgresBatches {
     connections: usize,
 }
 
-const PG_INSERT_RESERVATIONS: &str = "INSERT INTO reservations \
+/// The marker, the reservations and their items in one statement (one round trip); the
+/// items' foreign key is checked at the end of the statement, when the reservations are in.
+const PG_INSERT_RESERVE_BATCH: &str = "WITH marker AS ( \
+     INSERT INTO commit_markers (batch_id, created_at) VALUES ($1, $2)), \
+     reserved AS (INSERT INTO reservations \
      (id, user_id, event_id, status, total_amount, currency, created_at, expires_at, updated_at) \
      SELECT id, user_id, event_id, status, total_amount, currency, created_at, expires_at, created_at \
-     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
-     $7::bigint[], $8::bigint[]) \
-     AS r(id, user_id, event_id, status, total_amount, currency, created_at, expires_at)";
-const PG_INSERT_ITEMS: &str = "INSERT INTO reservation_items \
-     (reservation_id, ticket_type_id, position, quantity, unit_price) \
-     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])";
+     FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], \
+     $9::bigint[], $10::bigint[]) \
+     AS r(id, user_id, event_id, status, total_amount, currency, created_at, expires_at)) \
+     INSERT INTO reservation_items (reservation_id, ticket_type_id, position, quantity, unit_price) \
+     SELECT * FROM UNNEST($11::text[], $12::text[], $13::bigint[], $14::bigint[], $15::bigint[])";
 /// Only pending rows change, so a status is never overwritten (a paid reservation is
 /// never released); the caller counts the rows changed.
 const PG_FINAL_STATUS: &str = "UPDATE reservations SET status = u.status, updated_at = u.at \
@@ -180,13 +185,14 @@ impl BatchStorage for PostgresBatches {
         let gathered = Gathered::from(changes)?;
         let batch = uuid::Uuid::now_v7().to_string();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(INSERT_MARKER)
-            .bind(&batch)
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await?;
         let reserves = &gathered.reserves;
-        if !reserves.is_empty() {
+        if reserves.is_empty() {
+            sqlx::query(INSERT_MARKER)
+                .bind(&batch)
+                .bind(now_millis())
+                .execute(&mut *tx)
+                .await?;
+        } else {
             let text = |f: fn(&Reservation) -> String| reserves.iter().map(|r| f(r)).collect();
             let number = |f: fn(&Reservation) -> i64| -> Vec<i64> {
                 reserves.iter().map(|r| f(r)).collect()
@@ -196,17 +202,6 @@ impl BatchStorage for PostgresBatches {
             let events: Vec<String> = text(|r| r.event_id.to_string());
             let statuses: Vec<&str> = reserves.iter().map(|r| r.status.as_str()).collect();
             let currencies: Vec<&str> = reserves.iter().map(|r| r.total.currency.code()).collect();
-            sqlx::query(PG_INSERT_RESERVATIONS)
-                .bind(&ids)
-                .bind(&users)
-                .bind(&events)
-                .bind(&statuses)
-                .bind(number(|r| r.total.amount))
-                .bind(&currencies)
-                .bind(number(|r| r.created_at.as_millis()))
-                .bind(number(|r| r.expires_at.as_millis()))
-                .execute(&mut *tx)
-                .await?;
             let count = reserves.iter().map(|r| r.items.len()).sum();
             let mut item_reservations = Vec::with_capacity(count);
             let mut ticket_types = Vec::with_capacity(count);
@@ -222,7 +217,17 @@ impl BatchStorage for PostgresBatches {
                     prices.push(item.unit_price.amount);
                 }
             }
-            sqlx::query(PG_INSERT_ITEMS)
+            sqlx::query(PG_INSERT_RESERVE_BATCH)
+                .bind(&batch)
+                .bind(now_millis())
+                .bind(&ids)
+                .bind(&users)
+                .bind(&events)
+                .bind(&statuses)
+                .bind(number(|r| r.total.amount))
+                .bind(&currencies)
+                .bind(number(|r| r.created_at.as_millis()))
+                .bind(number(|r| r.expires_at.as_millis()))
                 .bind(&item_reservations)
                 .bind(&ticket_types)
                 .bind(&positions)
