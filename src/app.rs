@@ -29,7 +29,8 @@ use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
 use crate::rpc::session::AddressLimiter;
 use crate::rpc::{methods, Services};
-use crate::store::writer::{StorageHealth, WriteError, Writer};
+use crate::store::batches;
+use crate::store::writer::{BatchStorage, StorageHealth, WriteError, Writer};
 use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
 
 /// The machine-readable contract, served by `rpc.discover`.
@@ -48,8 +49,8 @@ pub struct App {
     pub settings: Settings,
     /// Reads and catalog writes.
     pub store: Store,
-    /// The writer's own connection.
-    writer_store: Store,
+    /// The writer's own connections.
+    writer_storage: Arc<dyn BatchStorage>,
     pub inventory: Arc<Inventory>,
     pub engine: Arc<Engine>,
     /// Whether the database is known to be down (the writer probes it until it answers).
@@ -110,12 +111,13 @@ impl App {
         let node = settings.resolve_node_id().to_owned();
         let store = Store::connect(&settings.database()).await?;
         store.migrate().await?;
-        let writer_store = Store::connect_writer(&settings.database()).await?;
+        let writer_storage =
+            batches::connect(&settings.database(), settings.writer_connections).await?;
         let secret = jwt_secret(&settings)?;
         let metrics = Arc::new(Metrics::for_node(&node));
         let stop_writer = CancellationToken::new();
         let (writer, writer_task) = Writer::start(
-            writer_store.clone(),
+            Arc::clone(&writer_storage),
             Arc::clone(&metrics),
             stop_writer.clone(),
         );
@@ -192,7 +194,7 @@ impl App {
             stop_writer,
             writer_task: Mutex::new(Some(writer_task)),
             store,
-            writer_store,
+            writer_storage,
             inventory,
             engine,
             storage_health,
@@ -273,7 +275,7 @@ impl App {
 
     /// Closes every database connection; from then on each change answers `UNAVAILABLE`.
     pub async fn close_storage(&self) {
-        self.writer_store.close().await;
+        self.writer_storage.close().await;
         self.store.close().await;
     }
 }

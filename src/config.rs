@@ -152,6 +152,11 @@ pub struct Settings {
     #[arg(long, env = "TICKET_API_MAX_BATCH", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_batch: u32,
 
+    /// Transactions the writer keeps in flight on PostgreSQL, each on its own connection
+    /// (SQLite commits one at a time whatever this says).
+    #[arg(long, env = "TICKET_API_WRITER_CONNECTIONS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16), global = true)]
+    pub writer_connections: u32,
+
     /// A WebSocket whose writes stall this long (the client stopped reading) is sent close
     /// 1008; one that still does not read is dropped at most 10 s later.
     #[arg(long, env = "TICKET_API_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, global = true)]

@@ -122,7 +122,7 @@ impl AccountService for Accounts {
             None => (None, None),
         };
         // Verified against a dummy hash when the email is unknown, so both failures take as long.
-        let matches = self.passwords.verify(password.into_inner(), hash).await;
+        let matches = self.passwords.verify(password.into_inner(), hash).await?;
         match user {
             Some(user) if matches => Ok(self.sign_in(user)),
             _ => Err(AccountError::InvalidCredentials),

@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use super::wire::{ErrorObject, INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND};
+use crate::auth::password::HashError;
 use crate::auth::AccountError;
 pub use crate::auth::AuthFailure;
 use crate::core::{Rule, TicketTypeId};
@@ -215,6 +216,8 @@ impl From<AccountError> for RpcError {
             AccountError::EmailTaken => RpcError::EmailTaken,
             AccountError::Refused(why) => RpcError::Unauthenticated(why),
             AccountError::Store(e) => e.into(),
+            // Every hashing thread busy and the queue full: overload, like a full write queue.
+            AccountError::Hash(HashError::Busy) => RpcError::Unavailable,
             AccountError::Hash(e) => RpcError::internal(e),
         }
     }

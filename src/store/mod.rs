@@ -1,8 +1,10 @@
 //! Storage: PostgreSQL or SQLite through sqlx's `Any` driver, with runtime queries written
-//! once in the SQL both databases speak (`$n` parameters, BIGINT and TEXT columns).
+//! once in the SQL both databases speak (`$n` parameters, BIGINT and TEXT columns). The
+//! writer's group commit, the hot path, runs on the native drivers instead (`batches`).
 //! Converting rows to domain values, and constraint violations to domain errors, happens
 //! here and nowhere else.
 
+pub mod batches;
 mod catalog;
 mod reservations;
 mod users;
@@ -41,7 +43,8 @@ pub enum StoreError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// The connection failed during COMMIT: the batch may or may not be in the database.
-    /// [`Store::batch_committed`] with this batch id tells, once the database answers.
+    /// [`writer::BatchStorage::batch_committed`] with this batch id tells, once the database
+    /// answers.
     #[error("outcome of batch {batch} unknown: {cause}")]
     OutcomeUnknown { batch: String, cause: sqlx::Error },
 }
@@ -65,16 +68,6 @@ pub struct Store {
 impl Store {
     /// Connects; for SQLite the file (and its folder) is created when missing.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
-        Self::connect_pool(url, None).await
-    }
-
-    /// A store of its own for the writer: one connection, so its commits never wait behind
-    /// reads for a connection from the shared pool.
-    pub async fn connect_writer(url: &DatabaseUrl) -> Result<Self, StoreError> {
-        Self::connect_pool(url, Some(1)).await
-    }
-
-    async fn connect_pool(url: &DatabaseUrl, size: Option<u32>) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = match url {
             DatabaseUrl::Postgres(_) => Backend::Postgres,
@@ -84,18 +77,12 @@ impl Store {
             }
         };
         let options: AnyConnectOptions = url.as_str().parse()?;
-        // The writer's one connection is only ever waited for when it must be made again:
-        // a short timeout lets it tell a database that is down (it probes again anyway).
-        let acquire_timeout = match size {
-            Some(_) => writer::PROBE_TIMEOUT,
-            None => Duration::from_secs(5),
-        };
         let pool_options = AnyPoolOptions::new()
-            .acquire_timeout(acquire_timeout)
-            .max_connections(size.unwrap_or(match backend {
+            .acquire_timeout(Duration::from_secs(5))
+            .max_connections(match backend {
                 Backend::Postgres => 16,
                 Backend::Sqlite => 8,
-            }));
+            });
         let pool = match backend {
             Backend::Postgres => pool_options.connect_with(options).await?,
             // WAL lets readers run beside the one writer; FULL syncs each commit, which the

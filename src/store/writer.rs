@@ -1,7 +1,9 @@
 //! The write-behind writer: one task drains a bounded queue and commits everything that
-//! has gathered in one transaction (group commit). Each caller is answered after the
-//! transaction holding its change commits, so an acknowledged change is durable; a full
-//! queue is refused at once rather than queued without bound.
+//! has gathered in one transaction (group commit), with a few transactions in flight at
+//! once, one per connection of its storage. Each caller is answered after the transaction
+//! holding its change commits, so an acknowledged change is durable; a full queue is
+//! refused at once rather than queued without bound. The database is behind the
+//! [`BatchStorage`] port (`store::batches` for PostgreSQL and SQLite; fakes in the tests).
 //!
 //! Failures are of three kinds. A row the database refuses fails that change alone. A
 //! database that cannot be reached fails the batch, marks storage down, and from then on
@@ -11,16 +13,17 @@
 //! probe gets through and the batch's commit marker tells whether it committed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::reservations::{Change, IdempotencyRecord};
-use super::{Store, StoreError};
+use super::StoreError;
 use crate::metrics::Metrics;
 
 /// Changes waiting for the writer. At 10,000 the server is far behind the database, and
@@ -37,6 +40,30 @@ const MARKER_AGE: Duration = Duration::from_secs(600);
 const FORGET_MARKERS_EVERY: Duration = Duration::from_secs(60);
 /// How long a stopping writer keeps trying to settle batches of unknown outcome.
 const SETTLE_AT_EXIT: Duration = Duration::from_secs(10);
+
+/// One change and the idempotency record committed atomically with it.
+pub type Entry<'a> = (&'a Change, Option<&'a IdempotencyRecord>);
+
+/// What the writer needs of the database, and nothing more.
+#[async_trait]
+pub trait BatchStorage: Send + Sync + 'static {
+    /// Commits the changes in one transaction together with a marker naming the batch. A
+    /// failure before COMMIT means nothing was committed; a failure of COMMIT itself is
+    /// [`StoreError::OutcomeUnknown`] with the batch's id.
+    async fn commit_batch(&self, changes: &[Entry<'_>]) -> Result<(), StoreError>;
+    /// Whether the batch of that id committed (its marker is there).
+    async fn batch_committed(&self, batch: &str) -> Result<bool, StoreError>;
+    /// A round trip to the database.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Deletes the markers of batches committed before `age` ago; returns how many.
+    async fn forget_commit_markers(&self, age: Duration) -> Result<u64, StoreError>;
+    /// Closes the connections; commits fail from then on.
+    async fn close(&self);
+    /// How many commits may be in flight at once (its connections).
+    fn connections(&self) -> usize {
+        1
+    }
+}
 
 /// Why a change was not committed. Nothing of it is in the database.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,17 +126,62 @@ struct Unsettled {
     jobs: Vec<Job>,
 }
 
+/// What the writer's task and its commits in flight share.
+struct Shared {
+    storage: Arc<dyn BatchStorage>,
+    health: Arc<StorageHealth>,
+    metrics: Arc<Metrics>,
+    /// One permit per commit that may be in flight (per connection of the storage).
+    lanes: Arc<Semaphore>,
+    lane_count: u32,
+    /// Only touched by commits in flight (to add) and by probes that hold every lane.
+    unsettled: Mutex<Vec<Unsettled>>,
+}
+
 impl Writer {
-    /// Starts the writer task. It runs until `stop` is cancelled (or every handle is
-    /// dropped), and commits everything queued before it ends.
+    /// Starts the writer task with one commit in flight per connection of `storage`
+    /// ([`BatchStorage::connections`]). It runs until
+    /// `stop` is cancelled (or every handle is dropped), and commits everything queued
+    /// before it ends.
+    ///
+    /// Several commits in flight cannot commit a release or payment before the reservation
+    /// it changes:
+    /// - A reservation's id leaves the server only in the answer to its reserve, sent after
+    ///   the commit; an idempotent replay waits on the key's lock for the first call and
+    ///   then reads the stored (committed) answer; recovery loads only committed rows. So a
+    ///   client cannot cancel or pay a reservation that is not committed.
+    /// - Expiry is scheduled only after the commit. The one path that can reach an
+    ///   uncommitted reservation is the sweeper, if a commit takes longer than the whole
+    ///   TTL: its release then finds no pending row (`status = 'pending'` is checked and
+    ///   counted per row), is refused alone, and is retried by a later sweep.
+    /// - The inventory lets one change of a reservation be under way at a time (releasing
+    ///   or paying), and the engine begins the next only after the first has its answer.
     pub fn start(
-        store: Store,
+        storage: Arc<dyn BatchStorage>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> (Writer, JoinHandle<()>) {
-        let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
+        Self::start_with_capacity(storage, QUEUE_CAPACITY, metrics, stop)
+    }
+
+    fn start_with_capacity(
+        storage: Arc<dyn BatchStorage>,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> (Writer, JoinHandle<()>) {
+        let (queue, jobs) = mpsc::channel(capacity);
         let health = Arc::new(StorageHealth::default());
-        let task = tokio::spawn(run(store, metrics, jobs, stop, Arc::clone(&health)));
+        let lane_count = u32::try_from(storage.connections().clamp(1, 64)).unwrap_or(1);
+        let shared = Arc::new(Shared {
+            storage,
+            health: Arc::clone(&health),
+            metrics,
+            lanes: Arc::new(Semaphore::new(lane_count as usize)),
+            lane_count,
+            unsettled: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(run(shared, jobs, stop));
         (Writer { queue, health }, task)
     }
 
@@ -142,33 +214,41 @@ impl Writer {
     }
 }
 
-async fn run(
-    store: Store,
-    metrics: Arc<Metrics>,
-    mut jobs: mpsc::Receiver<Job>,
-    stop: CancellationToken,
-    health: Arc<StorageHealth>,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+async fn run(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>, stop: CancellationToken) {
+    let health = Arc::clone(&shared.health);
+    let mut batch = Vec::new();
     let mut stopping = false;
-    let mut unsettled = Vec::new();
     let mut next_probe = Instant::now();
     let mut forget_markers_at = Instant::now() + FORGET_MARKERS_EVERY;
     loop {
-        // `recv_many` takes what has gathered while the last commit ran, up to MAX_BATCH:
-        // batches grow with the load, and an idle server commits each change at once.
-        let received = tokio::select! {
+        // A free connection first: while every one is committing, changes gather in the
+        // queue and go out together in the next batch.
+        let lane = tokio::select! {
             biased;
-            received = jobs.recv_many(&mut batch, MAX_BATCH) => received,
             () = stop.cancelled(), if !stopping => {
                 // Refuse new changes; what is queued is still committed below.
                 jobs.close();
                 stopping = true;
                 continue;
             }
+            lane = Arc::clone(&shared.lanes).acquire_owned() => {
+                lane.expect("the lanes are never closed")
+            }
+        };
+        // `recv_many` takes what has gathered while the last commits ran, up to MAX_BATCH:
+        // batches grow with the load, and an idle server commits each change at once.
+        let received = tokio::select! {
+            biased;
+            received = jobs.recv_many(&mut batch, MAX_BATCH) => received,
+            () = stop.cancelled(), if !stopping => {
+                jobs.close();
+                stopping = true;
+                continue;
+            }
             () = health.went_down.notified() => continue,
             () = tokio::time::sleep_until(next_probe), if health.is_down() => {
-                probe(&store, &health, &mut unsettled).await;
+                drop(lane);
+                probe_when_idle(&shared).await;
                 next_probe = Instant::now() + PROBE_EVERY;
                 continue;
             }
@@ -176,8 +256,10 @@ async fn run(
         if received == 0 {
             break;
         }
+        let mut lane = Some(lane);
         if health.is_down() && Instant::now() >= next_probe {
-            probe(&store, &health, &mut unsettled).await;
+            lane = None;
+            probe_when_idle(&shared).await;
             next_probe = Instant::now() + PROBE_EVERY;
         }
         if health.is_down() {
@@ -187,21 +269,34 @@ async fn run(
             }
             continue;
         }
-        metrics.record_batch(batch.len());
-        commit(&store, &health, std::mem::take(&mut batch), &mut unsettled).await;
+        let lane = match lane {
+            Some(lane) => lane,
+            None => acquire(&shared.lanes, 1).await,
+        };
+        shared.metrics.record_batch(batch.len());
+        let jobs_now = std::mem::take(&mut batch);
+        let on_lane = Arc::clone(&shared);
+        tokio::spawn(async move {
+            commit(&on_lane, jobs_now).await;
+            drop(lane);
+        });
         if Instant::now() >= forget_markers_at && !health.is_down() {
             forget_markers_at = Instant::now() + FORGET_MARKERS_EVERY;
-            match store.forget_commit_markers(MARKER_AGE).await {
+            let _lane = acquire(&shared.lanes, 1).await;
+            match shared.storage.forget_commit_markers(MARKER_AGE).await {
                 Ok(n) => tracing::debug!(deleted = n, "forgot old commit markers"),
                 Err(error) => tracing::warn!(%error, "could not delete old commit markers"),
             }
         }
     }
+    // Every commit in flight finishes before the writer settles and closes.
+    let _all = acquire(&shared.lanes, shared.lane_count).await;
     let deadline = Instant::now() + SETTLE_AT_EXIT;
-    while !unsettled.is_empty() && Instant::now() < deadline {
+    while has_unsettled(&shared) && Instant::now() < deadline {
         tokio::time::sleep(PROBE_EVERY).await;
-        probe(&store, &health, &mut unsettled).await;
+        probe(&shared).await;
     }
+    let unsettled = std::mem::take(&mut *lock(&shared.unsettled));
     for batch in &unsettled {
         tracing::error!(
             batch = %batch.batch,
@@ -213,24 +308,51 @@ async fn run(
     for batch in unsettled {
         std::mem::forget(batch.jobs);
     }
-    store.close().await;
+    shared.storage.close().await;
     tracing::info!("writer stopped: every queued change is committed");
 }
 
+async fn acquire(lanes: &Arc<Semaphore>, n: u32) -> OwnedSemaphorePermit {
+    Arc::clone(lanes)
+        .acquire_many_owned(n)
+        .await
+        .expect("the lanes are never closed")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn has_unsettled(shared: &Shared) -> bool {
+    !lock(&shared.unsettled).is_empty()
+}
+
+/// Waits until no commit is in flight (so none can add a batch of unknown outcome while
+/// the others are settled), then probes.
+async fn probe_when_idle(shared: &Shared) {
+    let _all = acquire(&shared.lanes, shared.lane_count).await;
+    probe(shared).await;
+}
+
 /// Tries the database; once it answers, settles every batch of unknown outcome by its
-/// marker (answering its callers) and marks storage up.
-async fn probe(store: &Store, health: &StorageHealth, unsettled: &mut Vec<Unsettled>) {
+/// marker (answering its callers) and marks storage up. The caller holds every lane.
+async fn probe(shared: &Shared) {
+    let storage = &shared.storage;
     if !matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await,
+        tokio::time::timeout(PROBE_TIMEOUT, storage.ping()).await,
         Ok(Ok(()))
     ) {
         return;
     }
+    let mut unsettled = std::mem::take(&mut *lock(&shared.unsettled));
     while let Some(next) = unsettled.last() {
         let committed =
-            match tokio::time::timeout(PROBE_TIMEOUT, store.batch_committed(&next.batch)).await {
+            match tokio::time::timeout(PROBE_TIMEOUT, storage.batch_committed(&next.batch)).await {
                 Ok(Ok(committed)) => committed,
-                _ => return,
+                _ => {
+                    lock(&shared.unsettled).extend(unsettled);
+                    return;
+                }
             };
         let Unsettled { batch, jobs } = unsettled.pop().expect("looked at just above");
         tracing::warn!(%batch, size = jobs.len(), committed, "settled a batch of unknown outcome");
@@ -244,20 +366,16 @@ async fn probe(store: &Store, health: &StorageHealth, unsettled: &mut Vec<Unsett
             });
         }
     }
-    health.mark_up();
+    shared.health.mark_up();
 }
 
-async fn commit(
-    store: &Store,
-    health: &StorageHealth,
-    batch: Vec<Job>,
-    unsettled: &mut Vec<Unsettled>,
-) {
-    let changes: Vec<_> = batch
+async fn commit(shared: &Shared, batch: Vec<Job>) {
+    let (storage, health) = (&shared.storage, &shared.health);
+    let changes: Vec<Entry<'_>> = batch
         .iter()
         .map(|j| (&j.change, j.idempotency.as_ref()))
         .collect();
-    match store.commit_batch(&changes).await {
+    match storage.commit_batch(&changes).await {
         Ok(()) => {
             drop(changes);
             for job in batch {
@@ -266,7 +384,7 @@ async fn commit(
         }
         Err(StoreError::OutcomeUnknown { batch: id, cause }) => {
             drop(changes);
-            hold(health, unsettled, id, &cause, batch);
+            hold(shared, id, &cause, batch);
         }
         // One bad change must not fail the others: when a row broke a rule (a constraint, or
         // a status that was not pending), commit each change alone. A database that is
@@ -283,7 +401,7 @@ async fn commit(
                     let _ = job.done.send(Err(WriteError::Down));
                     continue;
                 }
-                match store
+                match storage
                     .commit_batch(&[(&job.change, job.idempotency.as_ref())])
                     .await
                 {
@@ -291,7 +409,7 @@ async fn commit(
                         let _ = job.done.send(Ok(()));
                     }
                     Err(StoreError::OutcomeUnknown { batch: id, cause }) => {
-                        hold(health, unsettled, id, &cause, vec![job]);
+                        hold(shared, id, &cause, vec![job]);
                     }
                     Err(error) => {
                         if !refused_a_row(&error) {
@@ -318,16 +436,11 @@ async fn commit(
 }
 
 /// Keeps the callers of a batch of unknown outcome waiting until a probe settles it.
-fn hold(
-    health: &StorageHealth,
-    unsettled: &mut Vec<Unsettled>,
-    batch: String,
-    cause: &sqlx::Error,
-    jobs: Vec<Job>,
-) {
+fn hold(shared: &Shared, batch: String, cause: &sqlx::Error, jobs: Vec<Job>) {
     tracing::warn!(%batch, size = jobs.len(), %cause, "COMMIT lost its connection: answers held until the database says whether it committed");
-    health.mark_down();
-    unsettled.push(Unsettled { batch, jobs });
+    // Held before storage is marked down, so the probe that follows sees it.
+    lock(&shared.unsettled).push(Unsettled { batch, jobs });
+    shared.health.mark_down();
 }
 
 /// Whether an error means the database could not be reached (rather than that it refused).
@@ -350,3 +463,7 @@ fn failed(change: &Change, error: StoreError) -> WriteError {
     tracing::error!(?change, %error, "change refused by the database");
     WriteError::Failed(error.to_string())
 }
+
+#[cfg(test)]
+#[path = "writer_tests.rs"]
+mod tests;

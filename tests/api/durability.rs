@@ -77,7 +77,8 @@ async fn queue_fills_and_refuses(url: String) {
         .unwrap();
 
     let stop = CancellationToken::new();
-    let (writer, task) = Writer::start(store.clone(), Arc::new(Metrics::new()), stop.clone());
+    let storage = ticket_api::store::batches::connect(&url, 4).await.unwrap();
+    let (writer, task) = Writer::start(storage, Arc::new(Metrics::new()), stop.clone());
     let writer = Arc::new(writer);
     let release = |id| Change::Release {
         id,
