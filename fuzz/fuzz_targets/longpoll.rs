@@ -33,10 +33,16 @@ fuzz_target!(|data: &[u8]| {
             .oneshot(request("POST", "/lp", Body::empty()))
             .await
             .unwrap();
-        let body = axum::body::to_bytes(opened.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(opened.into_body(), 1 << 20)
+            .await
+            .unwrap();
         let opened: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let session = opened["session"].as_str().unwrap().to_owned();
-        let target = if op & 0x80 == 0 { session.clone() } else { path_part.clone() };
+        let target = if op & 0x80 == 0 {
+            session.clone()
+        } else {
+            path_part.clone()
+        };
         let call = match op % 4 {
             0 => request("POST", &format!("/lp/{target}"), Body::from(rest.to_vec())),
             1 => request(
