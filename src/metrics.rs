@@ -1,5 +1,6 @@
 //! Prometheus metrics served at `GET /metrics`: open connections, calls by method and
-//! outcome, call latency, calls in flight, waiting long-poll GETs, and the writer's batches.
+//! outcome, call latency, calls in flight, waiting long-poll GETs, the writer's batches, and
+//! WebSocket closes by code and reason.
 
 use std::time::Duration;
 
@@ -27,6 +28,12 @@ struct TransportLabels {
     transport: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    code: u16,
+    reason: &'static str,
+}
+
 type LatencyFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 /// All metrics of the process. Cheap to update from any task.
@@ -38,6 +45,7 @@ pub struct Metrics {
     batch_size: Histogram,
     in_flight: Family<MethodLabels, Gauge>,
     gets_waiting: Gauge,
+    ws_closes: Family<CloseLabels, Counter>,
 }
 
 /// Counts something in progress until dropped (a call running, a GET waiting).
@@ -102,6 +110,12 @@ impl Metrics {
             "Long-poll GETs waiting for notifications",
             gets_waiting.clone(),
         );
+        let ws_closes = Family::<CloseLabels, Counter>::default();
+        registry.register(
+            "websocket_closes",
+            "WebSocket connections ended, by close code and reason (1006: lost without a close)",
+            ws_closes.clone(),
+        );
         Self {
             registry,
             connections,
@@ -110,6 +124,7 @@ impl Metrics {
             batch_size,
             in_flight,
             gets_waiting,
+            ws_closes,
         }
     }
 
@@ -172,6 +187,21 @@ impl Metrics {
         self.connections
             .get_or_create(&TransportLabels { transport })
             .dec();
+    }
+
+    /// Counts a WebSocket that ended with `code`; `reason` is one of the server's fixed
+    /// reasons, so a client cannot grow the label set.
+    pub fn websocket_closed(&self, code: u16, reason: &'static str) {
+        self.ws_closes
+            .get_or_create(&CloseLabels { code, reason })
+            .inc();
+    }
+
+    /// WebSocket connections ended so far with `code` and `reason`.
+    pub fn websocket_closes(&self, code: u16, reason: &'static str) -> u64 {
+        self.ws_closes
+            .get_or_create(&CloseLabels { code, reason })
+            .get()
     }
 
     pub fn record_batch(&self, changes: usize) {

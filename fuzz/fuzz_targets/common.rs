@@ -24,6 +24,9 @@ pub fn shared() -> &'static Shared {
         settings.auth_rate_limit = u32::MAX;
         settings.auth_rate_burst = u32::MAX;
         settings.demo = true;
+        // A long-poll GET waits this long for notifications: the default (25 s) would make
+        // every poll of a quiet session a libFuzzer timeout.
+        settings.poll_timeout = std::time::Duration::from_millis(20);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

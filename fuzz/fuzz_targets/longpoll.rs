@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let shared = common::shared();
-    let router = ticket_api::server::router(std::sync::Arc::clone(&shared.app));
+    let router = router(shared);
     let text = String::from_utf8_lossy(rest).into_owned();
     let path_part: String = text
         .chars()
@@ -33,11 +33,17 @@ fuzz_target!(|data: &[u8]| {
             .oneshot(request("POST", "/lp", Body::empty()))
             .await
             .unwrap();
-        let body = axum::body::to_bytes(opened.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(opened.into_body(), 1 << 20)
+            .await
+            .unwrap();
         let opened: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let session = opened["session"].as_str().unwrap().to_owned();
-        let target = if op & 0x80 == 0 { session.clone() } else { path_part.clone() };
-        let request = match op % 4 {
+        let target = if op & 0x80 == 0 {
+            session.clone()
+        } else {
+            path_part.clone()
+        };
+        let call = match op % 4 {
             0 => request("POST", &format!("/lp/{target}"), Body::from(rest.to_vec())),
             1 => request(
                 "GET",
@@ -47,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
             2 => request("DELETE", &format!("/lp/{target}"), Body::empty()),
             _ => request("POST", "/lp", Body::from(rest.to_vec())),
         };
-        let answer = tokio::time::timeout(Duration::from_secs(60), router.clone().oneshot(request))
+        let answer = tokio::time::timeout(Duration::from_secs(60), router.clone().oneshot(call))
             .await
             .expect("an answer before the poll timeout ends")
             .unwrap();
@@ -61,6 +67,18 @@ fuzz_target!(|data: &[u8]| {
             .await;
     });
 });
+
+/// One router for every run: building it starts the session-expiry task, which needs the
+/// runtime and must not be started again for each input.
+fn router(shared: &'static common::Shared) -> axum::Router {
+    static ROUTER: std::sync::OnceLock<axum::Router> = std::sync::OnceLock::new();
+    ROUTER
+        .get_or_init(|| {
+            let _runtime = shared.runtime.enter();
+            ticket_api::server::router(std::sync::Arc::clone(&shared.app))
+        })
+        .clone()
+}
 
 fn request(method: &str, uri: &str, body: Body) -> Request<Body> {
     let mut request = Request::builder()

@@ -137,6 +137,7 @@ async fn serve(
     drop(responses);
     let (code, reason) = writer.await.unwrap_or((why.0, why.1));
     app.metrics.connection_closed("ws");
+    app.metrics.websocket_closed(code, reason);
     tracing::info!(session = id, %peer, code, reason, "websocket closed");
 }
 

@@ -240,3 +240,111 @@ async fn connections_over_the_per_address_cap_are_answered_503() {
     )
     .await;
 }
+
+/// The `/metrics` line of `name` (with its labels) and its value, if present.
+async fn metric(app: &crate::harness::TestApp, name: &str) -> Option<f64> {
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// PROTOCOL decision 26: a client that subscribes and never reads again is sent 1008 once
+/// a write has stalled for `--write-timeout`, and dropped at most the close grace (10 s)
+/// later. The stall begins during the burst, so the connection is gone within
+/// write timeout + grace of its end.
+#[tokio::test]
+async fn a_websocket_that_never_reads_is_dropped_within_the_write_timeout_and_the_grace() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+    const CLOSE_GRACE: Duration = Duration::from_secs(10);
+    const MARGIN: Duration = Duration::from_secs(3);
+    const OPEN_WS: &str = "ticket_api_open_connections{transport=\"ws\"}";
+    const CLOSED_SLOW: &str =
+        "ticket_api_websocket_closes_total{code=\"1008\",reason=\"client too slow\"}";
+    let tweak = |s: &mut ticket_api::config::Settings| {
+        s.write_timeout = WRITE_TIMEOUT;
+        s.rate_limit = 100_000;
+        s.rate_burst = 100_000;
+    };
+    with_app(Backend::Sqlite, tweak, |app| async move {
+        let admin = app.quick_admin().await;
+        let types: Vec<_> = (0..20)
+            .map(|_| (1_000_000, json!({"kind": "any"})))
+            .collect();
+        let (event_id, ids) = app.create_pools(&admin, &types).await;
+
+        // A small receive buffer, so the server's writes stall soon.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(app.addr).await.unwrap();
+        let (mut slow, _) =
+            tokio_tungstenite::client_async(format!("ws://{}/ws", app.addr), stream)
+                .await
+                .unwrap();
+        for i in 0..20 {
+            let subscribe = json!({"jsonrpc": "2.0", "id": i, "method": "pool.subscribe",
+                "params": {"event_id": event_id}});
+            slow.send(Message::text(subscribe.to_string()))
+                .await
+                .unwrap();
+        }
+        assert_eq!(metric(&app, OPEN_WS).await, Some(1.0));
+
+        // Reservations by another client over /rpc (not a WebSocket, so the gauge counts
+        // only `slow`): bounded in count and time, ended early once `slow` is gone.
+        let (_, token) = app.quick_customer().await;
+        let started = std::time::Instant::now();
+        let mut reserved = 0;
+        while reserved < 3_000 && started.elapsed() < Duration::from_secs(10) {
+            let item =
+                json!({"items": [{"ticket_type_id": ids[reserved % ids.len()], "quantity": 1}]});
+            app.ok_as(&token, "tickets.reserve", item).await;
+            reserved += 1;
+            if reserved % 100 == 0 && app.app.metrics.open_connections("ws") == 0 {
+                break;
+            }
+        }
+        let burst_ended = std::time::Instant::now();
+
+        let within = WRITE_TIMEOUT + CLOSE_GRACE + MARGIN;
+        crate::harness::poll_until(within, "the server to drop the client", || async {
+            (metric(&app, OPEN_WS).await == Some(0.0)).then_some(())
+        })
+        .await;
+        let gone_after = burst_ended.elapsed();
+        assert_eq!(
+            metric(&app, CLOSED_SLOW).await,
+            Some(1.0),
+            "closed as too slow (1008)"
+        );
+
+        // The socket itself is closed: reading now reaches its end.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match slow.next().await {
+                    Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break None,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the socket still open after the gauge fell");
+        eprintln!(
+            "never-reading client: {reserved} reservations, gone {gone_after:?} after the burst, \
+             close frame on the wire: {:?}",
+            ended.unwrap()
+        );
+    })
+    .await;
+}
