@@ -217,7 +217,7 @@ backend_tests! {
         let (event_id, tt) = one_pool(&app, 10, json!({"kind": "any"})).await;
         let before = app.pool(&event_id, 0).await;
         let (_, token) = app.quick_customer().await;
-        let unknown = uuid::Uuid::new_v4().to_string();
+        let unknown = json!(uuid::Uuid::new_v4().to_string());
         let response = app
             .rpc("tickets.reserve", reserve_params(&[(&tt, 1), (&unknown, 1), (&tt, 2)]), Some(&token))
             .await;
