@@ -10,8 +10,8 @@
 //! COMMIT;
 //! ```
 //!
-//! on a minimal schema of its own (`ticket_types`, `reservations` with a foreign key),
-//! created afresh in the given database (which the caller creates and drops): `:tt` is 1
+//! on minimal tables of its own in the `loadgen_pgbench` schema (`ticket_types`,
+//! `reservations` with a foreign key), created afresh in the given database (which the caller creates and drops): `:tt` is 1
 //! (one hot row) or uniform over `--rows` rows. Prepared statements (`-M prepared`), as a
 //! server would use. Reported: transactions/s (pgbench's `tps`, without connection time),
 //! latency percentiles from pgbench's per-transaction log, the CPU time of the probes
@@ -105,12 +105,18 @@ pub fn script(rows: u32) -> String {
     )
 }
 
+/// The PostgreSQL schema the tables live in, so that whatever database `--dbname` names, only
+/// tables of our own are dropped and created. psql and pgbench get it as their search path.
+const SCHEMA: &str = "loadgen_pgbench";
+const SEARCH_PATH: &str = "-c search_path=loadgen_pgbench";
+
 /// The schema, created afresh (one `psql -c`: one transaction, hence `ANALYZE` without
 /// `VACUUM`).
 pub fn schema(rows: u32) -> String {
     format!(
         "SET client_min_messages TO warning;\n\
-         DROP TABLE IF EXISTS reservations, ticket_types;\n\
+         CREATE SCHEMA IF NOT EXISTS {SCHEMA};\n\
+         DROP TABLE IF EXISTS {SCHEMA}.reservations, {SCHEMA}.ticket_types;\n\
          CREATE TABLE ticket_types (id integer PRIMARY KEY, capacity bigint NOT NULL, \
          available bigint NOT NULL CHECK (available >= 0));\n\
          CREATE TABLE reservations (id uuid PRIMARY KEY, \
@@ -178,6 +184,7 @@ pub fn log_latency_us(line: &str) -> Option<u64> {
 
 fn psql(args: &PgbenchArgs, sql: &str) -> Result<String, String> {
     let output = Command::new(&args.psql)
+        .env("PGOPTIONS", SEARCH_PATH)
         .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
         .args([
             "-h",
@@ -246,6 +253,7 @@ fn run_in(args: &PgbenchArgs, dir: &Path) -> Result<Value, String> {
     let children_before = reaped_children_ticks();
     let started = Instant::now();
     let output = Command::new(&args.pgbench)
+        .env("PGOPTIONS", SEARCH_PATH)
         .args(["-n", "-M", "prepared", "--log"])
         .arg(format!("--log-prefix={}", dir.join("tx").display()))
         .args([
