@@ -53,19 +53,19 @@ pub trait EventRecords: Send + Sync + 'static {
 
 /// The catalog of this server: events in storage, their pools in the inventory.
 pub struct Catalog {
-    store: Arc<dyn EventRecords>,
+    records: Arc<dyn EventRecords>,
     inventory: Arc<Inventory>,
     clock: Arc<dyn Clock>,
 }
 
 impl Catalog {
     pub fn new(
-        store: Arc<dyn EventRecords>,
+        records: Arc<dyn EventRecords>,
         inventory: Arc<Inventory>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
-            store,
+            records,
             inventory,
             clock,
         }
@@ -93,7 +93,7 @@ impl CatalogService for Catalog {
     async fn create_event(&self, draft: &EventDraft) -> Result<Event, CreateEventError> {
         let event = draft.validate()?;
         // Stored first: pools open only for an event that will survive a restart.
-        self.store.insert_event(&event, self.clock.now()).await?;
+        self.records.insert_event(&event, self.clock.now()).await?;
         let available: Vec<u32> = event.ticket_types.iter().map(|tt| tt.capacity).collect();
         self.inventory.insert_event(event.clone(), &available);
         tracing::info!(event_id = %event.id, name = %event.name, "event created");

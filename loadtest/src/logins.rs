@@ -179,11 +179,16 @@ pub async fn run(args: &LoginsArgs) -> Result<LoginsReport, String> {
 
     let memory = match (args.server_pid, before) {
         (Some(pid), Some(before)) => {
-            let hwm = Rss::read(pid).map_or(0, |r| r.peak_kib);
+            // The high-water mark covers the whole process life: it speaks of the rush only
+            // if it rose during it.
+            let hwm = Rss::read(pid)
+                .map_or(0, |r| r.peak_kib)
+                .max(before.peak_kib);
+            let rush_hwm = if hwm > before.peak_kib { hwm } else { 0 };
             tokio::time::sleep(args.settle).await;
             Rss::read(pid).map(|after| RushMemory {
                 before_kib: before.current_kib,
-                peak_kib: peak.load(Ordering::SeqCst).max(hwm),
+                peak_kib: peak.load(Ordering::SeqCst).max(rush_hwm),
                 after_kib: after.current_kib,
             })
         }
