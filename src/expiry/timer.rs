@@ -204,13 +204,26 @@ mod tests {
         }
     }
 
+    /// A timer on `clock`, running in a task of its own: the timer, what falls due, and
+    /// the token that stops it.
+    fn running(
+        clock: Arc<dyn Clock>,
+    ) -> (
+        Arc<TimerExpiry>,
+        mpsc::Receiver<ReservationId>,
+        CancellationToken,
+    ) {
+        let timer = TimerExpiry::new(clock);
+        let (due_tx, due) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+        (timer, due, stop)
+    }
+
     #[tokio::test]
     async fn the_timer_delivers_a_past_deadline_at_once_and_skips_cancelled_ones() {
         let clock = Arc::new(FixedClock(1_000.into()));
-        let timer = TimerExpiry::new(clock.clone());
-        let (due_tx, mut due) = mpsc::channel(8);
-        let stop = CancellationToken::new();
-        tokio::spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+        let (timer, mut due, stop) = running(clock.clone());
         let (a, b) = (ReservationId::new(), ReservationId::new());
         timer.schedule(b, at(500));
         timer.cancel(b);
@@ -223,10 +236,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn on_tokio_time_a_deadline_falls_due_when_time_reaches_it_not_before() {
         let clock = Arc::new(TokioClock::new());
-        let timer = TimerExpiry::new(clock.clone());
-        let (due_tx, mut due) = mpsc::channel(8);
-        let stop = CancellationToken::new();
-        tokio::spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+        let (timer, mut due, stop) = running(clock.clone());
         let started = Instant::now();
         let (soon, later) = (ReservationId::new(), ReservationId::new());
         timer.schedule(
@@ -247,10 +257,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn on_tokio_time_rescheduling_moves_the_deadline_and_an_earlier_one_wakes_the_timer() {
         let clock = Arc::new(TokioClock::new());
-        let timer = TimerExpiry::new(clock.clone());
-        let (due_tx, mut due) = mpsc::channel(8);
-        let stop = CancellationToken::new();
-        tokio::spawn(Arc::clone(&timer).run(due_tx, stop.clone()));
+        let (timer, mut due, stop) = running(clock.clone());
         let started = Instant::now();
         let after = |ms: u64| clock.now().saturating_add(Duration::from_millis(ms));
         let (moved, earlier, cancelled) = (
