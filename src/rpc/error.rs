@@ -167,17 +167,21 @@ impl From<crate::store::StoreError> for RpcError {
     }
 }
 
+/// The `data.field` of one reservation item's field: `items[2].quantity`.
+pub(crate) fn item_field(index: usize, field: &str) -> String {
+    format!("items[{index}].{field}")
+}
+
 /// The engine's refusals on the wire.
 impl From<crate::engine::EngineError> for RpcError {
     fn from(error: crate::engine::EngineError) -> Self {
         use crate::core::inventory::ReserveError as R;
         use crate::engine::EngineError as E;
-        let item = |index: usize, field: &str| format!("items[{index}].{field}");
         match error {
             E::Invalid(invalid) => match invalid {
                 R::TotalOverflow => RpcError::invalid_params("items", invalid.to_string()),
                 R::MixedEvents { index } => RpcError::invalid_params(
-                    item(index, "ticket_type_id"),
+                    item_field(index, "ticket_type_id"),
                     "all items must be of one event",
                 ),
                 R::UnknownTicketType { .. } => RpcError::NotFound,

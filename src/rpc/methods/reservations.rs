@@ -11,6 +11,7 @@ use crate::core::{
 use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall};
 use crate::engine::Paid;
 use crate::rpc::dispatch::{Access, Methods};
+use crate::rpc::error::item_field;
 use crate::rpc::methods::parse_id;
 use crate::rpc::Ctx;
 use crate::rpc::RpcError;
@@ -48,7 +49,6 @@ fn key_param(key: Option<String>) -> Result<Option<IdempotencyKey>, RpcError> {
 
 /// The items of `tickets.reserve`, read once into a type that holds only valid ones.
 fn items_param(items: &[ItemParam]) -> Result<ReserveItems, RpcError> {
-    let item = |index: usize, field: &str| format!("items[{index}].{field}");
     ReserveItems::parse(
         items
             .iter()
@@ -57,12 +57,13 @@ fn items_param(items: &[ItemParam]) -> Result<ReserveItems, RpcError> {
     .map_err(|why| match why {
         ItemsError::Count => RpcError::invalid_params("items", why.to_string()),
         ItemsError::Quantity { index } => {
-            RpcError::invalid_params(item(index, "quantity"), BadQuantity.to_string())
+            RpcError::invalid_params(item_field(index, "quantity"), BadQuantity.to_string())
         }
         ItemsError::MalformedId { .. } => RpcError::NotFound,
-        ItemsError::Repeated { index } => {
-            RpcError::invalid_params(item(index, "ticket_type_id"), "the same ticket type twice")
-        }
+        ItemsError::Repeated { index } => RpcError::invalid_params(
+            item_field(index, "ticket_type_id"),
+            "the same ticket type twice",
+        ),
     })
 }
 
