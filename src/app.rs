@@ -31,7 +31,7 @@ use crate::rpc::session::AddressLimiter;
 use crate::rpc::{methods, Services};
 use crate::store::batches;
 use crate::store::writer::{BatchStorage, StorageHealth, WriteError, Writer};
-use crate::store::{Change, IdempotencyRecord, Store, StoreError, StoredIdempotency};
+use crate::store::{Change, Fence, IdempotencyRecord, Store, StoreError, StoredIdempotency};
 
 /// The machine-readable contract, served by `rpc.discover`.
 pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
@@ -144,6 +144,7 @@ impl App {
             notifier: fanout.clone(),
             clock: Arc::clone(&clock),
             ttl: settings.reservation_ttl,
+            fenced: settings.cluster,
         }));
         let tokens = Tokens::new(secret.as_bytes(), settings.token_ttl);
         let passwords = Passwords::new(std::thread::available_parallelism().map_or(2, |n| n.get()));
@@ -355,8 +356,9 @@ impl Commits for Writer {
         &self,
         change: Change,
         idempotency: Option<IdempotencyRecord>,
+        fence: Option<Fence>,
     ) -> Result<(), WriteError> {
-        Writer::commit(self, change, idempotency).await
+        Writer::commit(self, change, idempotency, fence).await
     }
 
     fn is_down(&self) -> bool {

@@ -42,8 +42,11 @@ use super::reservation::{ReleaseKind, Reservation, ReservationItem, Status};
 use super::rules::{Refusal, Rule};
 use super::time::Timestamp;
 
+mod tenure;
 #[cfg(test)]
 mod tests;
+
+pub use tenure::{first_version, Holding};
 
 /// The live state of one ticket type, as `pool.subscribe` and `pool.update` carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -100,6 +103,9 @@ pub enum ReserveError {
     /// priced in different currencies, which the catalog should never allow).
     #[error("the total cannot be represented")]
     TotalOverflow,
+    /// The event is only mirrored here: another server owns it and sells its tickets.
+    #[error("event {event_id} is owned by another server")]
+    NotOwned { event_id: EventId },
 }
 
 /// Why an active reservation cannot move on. The inventory knows only *active*
@@ -166,6 +172,8 @@ struct Book {
     /// hold a pointer rather than the whole reservation (about 100 bytes less per pending
     /// reservation at a million of them).
     active: HashMap<ReservationId, Box<Active>>,
+    /// Whether this process sells the event's tickets or only mirrors its availability.
+    holding: Holding,
 }
 
 /// One event: its immutable catalog and, under one mutex, its counters and active
@@ -310,6 +318,9 @@ impl Inventory {
                     })
                     .collect(),
                 active: HashMap::new(),
+                holding: Holding::Owned {
+                    epoch: first_version >> 32,
+                },
             }),
             event: Arc::new(event),
         });
@@ -454,6 +465,9 @@ impl Inventory {
         let reservation = {
             let mut guard = state.lock();
             let book = &mut *guard;
+            if book.holding == Holding::Mirror {
+                return Err(ReserveError::NotOwned { event_id });
+            }
             for (line, &position) in lines.iter().zip(positions) {
                 let rule = state.event.ticket_types[position].rule;
                 rule.check(line.quantity, book.pools[position].available)

@@ -28,11 +28,12 @@ pub fn params_hash(canonical: &str) -> String {
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
-/// A result: computed now, or the stored wire form of the first call's result.
+/// A result: computed now, or already in its wire form: the stored result of the call that
+/// first used an idempotency key, or the answer of the server owning the event.
 #[derive(Debug)]
-pub enum Idempotent<T> {
+pub enum Answer<T> {
     Fresh(T),
-    Replayed(String),
+    Rendered(String),
 }
 
 type LockKey = (UserId, &'static str, String);
@@ -98,10 +99,10 @@ pub struct KeyGuard<'a, T> {
 
 impl<T> KeyGuard<'_, T> {
     /// The first call's result when the key was used before with the same params.
-    pub fn replay(&self) -> Result<Option<Idempotent<T>>, EngineError> {
+    pub fn replay(&self) -> Result<Option<Answer<T>>, EngineError> {
         match (&self.call, &self.stored) {
             (Some(call), Some(stored)) if stored.params_hash == call.params_hash => {
-                Ok(Some(Idempotent::Replayed(stored.response.clone())))
+                Ok(Some(Answer::Rendered(stored.response.clone())))
             }
             (Some(_), Some(_)) => Err(EngineError::IdempotencyConflict),
             _ => Ok(None),

@@ -20,12 +20,13 @@ use async_trait::async_trait;
 
 use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
-use crate::core::{Clock, PaymentId, PaymentToken, ReservationId, ReserveItems, UserId};
+use crate::core::{Clock, EventId, PaymentId, PaymentToken, ReservationId, ReserveItems, UserId};
 use crate::expiry::sweeper::Releases;
 use crate::expiry::Expiry;
 use crate::fanout::notify::Notifier;
-use crate::store::{Change, PaymentRecord, StoreError};
-use idempotency::{IdempotencyKeys, Idempotent, KeyedCall};
+use crate::store::writer::WriteError;
+use crate::store::{Change, Fence, PaymentRecord, StoreError};
+use idempotency::{Answer, IdempotencyKeys, KeyedCall};
 use payments::{PaymentAdapter, PaymentError};
 use ports::{Commits, Records};
 
@@ -54,6 +55,16 @@ pub enum EngineError {
     Unavailable,
     #[error("internal: {0}")]
     Internal(String),
+    /// Another server owns the event (cluster mode): the call must go to it.
+    #[error("event {0} is owned by another server")]
+    NotOwner(EventId),
+    /// The event's owner answered the forwarded call with this error, passed on as it is.
+    #[error("{message}")]
+    Relayed {
+        code: i64,
+        message: String,
+        data: Option<serde_json::Value>,
+    },
 }
 
 impl From<StoreError> for EngineError {
@@ -85,7 +96,7 @@ pub trait ReservationService: Send + Sync + 'static {
         user: UserId,
         items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
-    ) -> Result<Idempotent<Reservation>, EngineError>;
+    ) -> Result<Answer<Reservation>, EngineError>;
     /// The user's reservation; another user's is `NotFound`.
     async fn get(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError>;
     /// The user's newest reservations (at most `limit`), optionally of one status.
@@ -95,14 +106,18 @@ pub trait ReservationService: Send + Sync + 'static {
         status: Option<Status>,
         limit: usize,
     ) -> Result<Vec<Reservation>, EngineError>;
-    async fn cancel(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError>;
+    async fn cancel(
+        &self,
+        user: UserId,
+        id: ReservationId,
+    ) -> Result<Answer<Reservation>, EngineError>;
     async fn pay(
         &self,
         user: UserId,
         id: ReservationId,
         payment_token: &PaymentToken,
         key: Option<KeyedCall<'_, Paid>>,
-    ) -> Result<Idempotent<Paid>, EngineError>;
+    ) -> Result<Answer<Paid>, EngineError>;
 }
 
 #[async_trait]
@@ -112,7 +127,7 @@ impl ReservationService for Engine {
         user: UserId,
         items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
-    ) -> Result<Idempotent<Reservation>, EngineError> {
+    ) -> Result<Answer<Reservation>, EngineError> {
         Engine::reserve(self, user, items, key).await
     }
 
@@ -129,8 +144,12 @@ impl ReservationService for Engine {
         Ok(self.store.reservations_of(user, status, limit).await?)
     }
 
-    async fn cancel(&self, user: UserId, id: ReservationId) -> Result<Reservation, EngineError> {
-        Engine::cancel(self, user, id).await
+    async fn cancel(
+        &self,
+        user: UserId,
+        id: ReservationId,
+    ) -> Result<Answer<Reservation>, EngineError> {
+        Engine::cancel(self, user, id).await.map(Answer::Fresh)
     }
 
     async fn pay(
@@ -139,7 +158,7 @@ impl ReservationService for Engine {
         id: ReservationId,
         payment_token: &PaymentToken,
         key: Option<KeyedCall<'_, Paid>>,
-    ) -> Result<Idempotent<Paid>, EngineError> {
+    ) -> Result<Answer<Paid>, EngineError> {
         Engine::pay(self, user, id, payment_token, key).await
     }
 }
@@ -166,6 +185,8 @@ pub struct Engine {
     notifier: Arc<dyn Notifier>,
     clock: Arc<dyn Clock>,
     ttl: Duration,
+    /// Cluster mode: every commit carries its event's fencing epoch.
+    fenced: bool,
     keys: IdempotencyKeys,
 }
 
@@ -178,6 +199,8 @@ pub struct EngineParts {
     pub notifier: Arc<dyn Notifier>,
     pub clock: Arc<dyn Clock>,
     pub ttl: Duration,
+    /// Whether commits carry their event's fencing epoch (cluster mode).
+    pub fenced: bool,
 }
 
 impl Engine {
@@ -192,6 +215,20 @@ impl Engine {
             notifier: parts.notifier,
             clock: parts.clock,
             ttl: parts.ttl,
+            fenced: parts.fenced,
+        }
+    }
+
+    /// The fence a change of `event_id` commits behind: none outside cluster mode (one
+    /// server per database); in it, the epoch in which this server owns the event, and
+    /// `NotOwner` once it no longer does.
+    fn fence(&self, event_id: EventId) -> Result<Option<Fence>, EngineError> {
+        if !self.fenced {
+            return Ok(None);
+        }
+        match self.inventory.epoch(event_id) {
+            Some(epoch) => Ok(Some(Fence { event_id, epoch })),
+            None => Err(EngineError::NotOwner(event_id)),
         }
     }
 
@@ -208,13 +245,13 @@ impl Engine {
     }
 
     /// Holds tickets for `user`, all items or none; durable when it returns `Ok`.
-    /// With a key, a repeat returns the first result (`Idempotent::Replayed`).
+    /// With a key, a repeat returns the first result (`Answer::Rendered`).
     pub async fn reserve(
         &self,
         user: UserId,
         items: ReserveItems,
         key: Option<KeyedCall<'_, Reservation>>,
-    ) -> Result<Idempotent<Reservation>, EngineError> {
+    ) -> Result<Answer<Reservation>, EngineError> {
         self.refuse_while_down()?;
         let key = self.keys.begin(user, key, self.clock.now()).await?;
         if let Some(stored) = key.replay()? {
@@ -229,15 +266,20 @@ impl Engine {
         };
         let reserved = self.inventory.reserve(request).map_err(|e| match e {
             ReserveError::UnknownTicketType { .. } => EngineError::NotFound,
+            ReserveError::NotOwned { event_id } => EngineError::NotOwner(event_id),
             other => EngineError::Invalid(other),
         })?;
         let reservation = reserved.reservation;
         let record = key.record(&reservation, self.clock.now());
-        if let Err(error) = self
-            .writer
-            .commit(Change::Reserve(reservation.clone()), record)
-            .await
-        {
+        let committed = match self.fence(reservation.event_id) {
+            Ok(fence) => {
+                self.writer
+                    .commit(Change::Reserve(reservation.clone()), record, fence)
+                    .await
+            }
+            Err(_) => Err(WriteError::Fenced),
+        };
+        if let Err(error) = committed {
             tracing::warn!(reservation = %reservation.id, %error, "reserve not committed; tickets returned");
             if let Some(pools) = self.inventory.unreserve(reservation.id) {
                 self.notifier.pools_changed(reservation.event_id, &pools);
@@ -247,7 +289,7 @@ impl Engine {
         self.expiry.schedule(reservation.id, reservation.expires_at);
         self.notifier
             .pools_changed(reservation.event_id, &reserved.pools);
-        Ok(Idempotent::Fresh(reservation))
+        Ok(Answer::Fresh(reservation))
     }
 
     /// The user's reservation, active or stored; another user's is `NotFound`.
@@ -276,7 +318,10 @@ impl Engine {
             .inventory
             .begin_release(id, ReleaseKind::Cancel, Some(user), self.clock.now())
         {
-            Ok(_) => self.finish_release(id, Status::Cancelled).await,
+            Ok(reservation) => {
+                self.finish_release(id, reservation.event_id, Status::Cancelled)
+                    .await
+            }
             Err(error) => Err(self.refusal(user, id, error).await),
         }
     }
@@ -288,8 +333,11 @@ impl Engine {
             .inventory
             .begin_release(id, ReleaseKind::Expire, None, self.clock.now())
         {
-            Ok(_) => {
-                if let Err(error) = self.finish_release(id, Status::Expired).await {
+            Ok(reservation) => {
+                let released = self
+                    .finish_release(id, reservation.event_id, Status::Expired)
+                    .await;
+                if let Err(error) = released {
                     tracing::warn!(reservation = %id, %error, "expiry not committed; the sweeper retries");
                 }
             }
@@ -312,6 +360,7 @@ impl Engine {
     async fn finish_release(
         &self,
         id: ReservationId,
+        event_id: EventId,
         status: Status,
     ) -> Result<Reservation, EngineError> {
         let change = Change::Release {
@@ -319,7 +368,11 @@ impl Engine {
             status,
             at: self.clock.now(),
         };
-        if let Err(error) = self.writer.commit(change, None).await {
+        let committed = match self.fence(event_id) {
+            Ok(fence) => self.writer.commit(change, None, fence).await,
+            Err(_) => Err(WriteError::Fenced),
+        };
+        if let Err(error) = committed {
             tracing::warn!(reservation = %id, %error, "release not committed; still pending");
             self.inventory.abort_release(id);
             return Err(EngineError::Unavailable);
@@ -343,7 +396,7 @@ impl Engine {
         id: ReservationId,
         payment_token: &PaymentToken,
         key: Option<KeyedCall<'_, Paid>>,
-    ) -> Result<Idempotent<Paid>, EngineError> {
+    ) -> Result<Answer<Paid>, EngineError> {
         self.refuse_while_down()?;
         let key = self.keys.begin(user, key, self.clock.now()).await?;
         if let Some(stored) = key.replay()? {
@@ -367,6 +420,7 @@ impl Engine {
                 PaymentError::Unavailable => EngineError::PaymentUnavailable,
             });
         }
+        let reservation_event = reservation.event_id;
         let payment = PaymentRecord {
             id: PaymentId::new(),
             reservation_id: id,
@@ -381,7 +435,15 @@ impl Engine {
             },
         };
         let record = key.record(&paid, self.clock.now());
-        if let Err(error) = self.writer.commit(Change::Pay(payment), record).await {
+        let committed = match self.fence(reservation_event) {
+            Ok(fence) => {
+                self.writer
+                    .commit(Change::Pay(payment), record, fence)
+                    .await
+            }
+            Err(_) => Err(WriteError::Fenced),
+        };
+        if let Err(error) = committed {
             // The provider took the money but it is not recorded: an operator must refund.
             tracing::error!(reservation = %id, %error, "payment succeeded but was not committed: refund needed");
             self.payment_failed(id).await;
@@ -391,7 +453,7 @@ impl Engine {
         self.expiry.cancel(id);
         self.notifier.reservation_updated(&paid.reservation);
         tracing::info!(reservation = %id, "reservation paid");
-        Ok(Idempotent::Fresh(paid))
+        Ok(Answer::Fresh(paid))
     }
 
     /// Back to pending after a failed payment; released at once if its time ran out meanwhile.
@@ -416,6 +478,9 @@ impl Engine {
                 Ok(Some(stored)) if stored.user_id == user => match stored.status {
                     Status::Expired => EngineError::Expired,
                     Status::Paid | Status::Cancelled => EngineError::NotPending,
+                    Status::Pending if self.inventory.epoch(stored.event_id).is_none() => {
+                        EngineError::NotOwner(stored.event_id)
+                    }
                     Status::Pending => {
                         tracing::warn!(reservation = %id, "pending in storage but not in memory");
                         EngineError::NotPending

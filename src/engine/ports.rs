@@ -9,16 +9,17 @@ use async_trait::async_trait;
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{Event, EventId, ReservationId, TicketTypeId, Timestamp, UserId};
 use crate::store::writer::WriteError;
-use crate::store::{Change, IdempotencyRecord, StoreError, StoredIdempotency};
+use crate::store::{Change, Fence, IdempotencyRecord, StoreError, StoredIdempotency};
 
-/// Commits one change (with the idempotency record it produced, atomically with it).
-/// Returns once it is durable; on `Err`, none of it is stored.
+/// Commits one change (with the idempotency record it produced, atomically with it, if its
+/// fence holds). Returns once it is durable; on `Err`, none of it is stored.
 #[async_trait]
 pub trait Commits: Send + Sync + 'static {
     async fn commit(
         &self,
         change: Change,
         idempotency: Option<IdempotencyRecord>,
+        fence: Option<Fence>,
     ) -> Result<(), WriteError>;
 
     /// Whether the database is known to be down: changes are then refused before anything

@@ -3,6 +3,7 @@
 //! pending reservation goes back under expiry with its own `expires_at` (an overdue one
 //! falls due at once).
 
+use crate::core::inventory::first_version;
 use crate::core::reservation::Reservation;
 use crate::store::StoreError;
 
@@ -64,11 +65,4 @@ impl Engine {
         }
         restored
     }
-}
-
-/// The first pool version of an event in its `epoch`: `epoch * 2^32`. A run then has 2^32
-/// changes per ticket type before it would reach the next epoch's versions, and versions
-/// stay below 2^53 (exact in JavaScript numbers) for 2^21 starts.
-pub fn first_version(epoch: u64) -> u64 {
-    epoch.saturating_mul(1 << 32)
 }

@@ -9,11 +9,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::idempotency::{params_hash, Idempotent, KeyedCall};
+use super::idempotency::{params_hash, Answer, KeyedCall};
 use super::payments::{PaymentAdapter, PaymentError};
 use super::ports::{Commits, Records, RecoverySource};
-use super::recovery::first_version;
 use super::{Engine, EngineError, EngineParts};
+use crate::core::inventory::first_version;
 use crate::core::inventory::{Inventory, PoolState};
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{
@@ -23,7 +23,7 @@ use crate::core::{
 use crate::expiry::Expiry;
 use crate::fanout::notify::Notifier;
 use crate::store::writer::WriteError;
-use crate::store::{Change, IdempotencyRecord, StoreError, StoredIdempotency};
+use crate::store::{Change, Fence, IdempotencyRecord, StoreError, StoredIdempotency};
 
 const TTL: Duration = Duration::from_secs(600);
 
@@ -87,6 +87,7 @@ impl Commits for Database {
         &self,
         change: Change,
         idempotency: Option<IdempotencyRecord>,
+        _: Option<Fence>,
     ) -> Result<(), WriteError> {
         match *self.outcome.lock().unwrap() {
             Outcome::Commit => {}
@@ -292,6 +293,7 @@ fn setup(capacity: u32) -> Setup {
         notifier: announced.clone(),
         clock: clock.clone(),
         ttl: TTL,
+        fenced: false,
     }));
     Setup {
         engine,
@@ -321,8 +323,8 @@ impl Setup {
             .reserve(user, self.items(quantity), None)
             .await?
         {
-            Idempotent::Fresh(reservation) => Ok(reservation),
-            Idempotent::Replayed(_) => panic!("no key was given"),
+            Answer::Fresh(reservation) => Ok(reservation),
+            Answer::Rendered(_) => panic!("no key was given"),
         }
     }
 }
@@ -428,7 +430,7 @@ async fn a_payment_begun_before_expiry_wins_over_the_expiry() {
     s.engine.expire(reservation.id).await;
     assert_eq!(s.available(), 8, "expiry left the paying reservation alone");
     s.payments.answer.notify_one();
-    let Idempotent::Fresh(paid) = paying.await.unwrap().unwrap() else {
+    let Answer::Fresh(paid) = paying.await.unwrap().unwrap() else {
         panic!("no key was given")
     };
     assert_eq!(paid.reservation.status, Status::Paid);
@@ -474,7 +476,7 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
         params_hash: params_hash(&format!("{quantity}")),
         render: &render,
     };
-    let Idempotent::Fresh(first) = s
+    let Answer::Fresh(first) = s
         .engine
         .reserve(user, s.items(2), Some(call(2)))
         .await
@@ -487,7 +489,7 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
         .reserve(user, s.items(2), Some(call(2)))
         .await
         .unwrap();
-    assert!(matches!(&again, Idempotent::Replayed(text) if *text == first.id.to_string()));
+    assert!(matches!(&again, Answer::Rendered(text) if *text == first.id.to_string()));
     assert_eq!(s.available(), 8, "the replay took nothing");
     let other = s.engine.reserve(user, s.items(3), Some(call(3))).await;
     assert!(
@@ -500,7 +502,7 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
         .reserve(UserId::new(), s.items(2), Some(call(2)))
         .await
         .unwrap();
-    assert!(matches!(stranger, Idempotent::Fresh(_)));
+    assert!(matches!(stranger, Answer::Fresh(_)));
     assert_eq!(s.available(), 6);
 }
 
@@ -521,6 +523,7 @@ async fn restart(s: &Setup, expiry: Arc<dyn Expiry>) -> (Arc<Engine>, Arc<Invent
         notifier: s.announced.clone(),
         clock: s.clock.clone(),
         ttl: TTL,
+        fenced: false,
     }));
     engine.recover(s.database.as_ref()).await.unwrap();
     (engine, inventory)
@@ -725,6 +728,7 @@ mod on_tokio_time {
             notifier: announced.clone(),
             clock: clock.clone(),
             ttl: TTL,
+            fenced: false,
         }));
         let (due_tx, due_rx) = mpsc::channel(DUE_CAPACITY);
         let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
@@ -777,8 +781,8 @@ mod on_tokio_time {
                 .await
                 .unwrap()
             {
-                Idempotent::Fresh(reservation) => reservation,
-                Idempotent::Replayed(_) => panic!("no key was given"),
+                Answer::Fresh(reservation) => reservation,
+                Answer::Rendered(_) => panic!("no key was given"),
             }
         }
 
@@ -789,7 +793,7 @@ mod on_tokio_time {
                 .engine
                 .pay(reservation.user_id, reservation.id, &token("tok_ok"), None)
                 .await?;
-            let Idempotent::Fresh(paid) = paid else {
+            let Answer::Fresh(paid) = paid else {
                 panic!("no key was given")
             };
             Ok(paid.reservation.status)

@@ -55,6 +55,13 @@ pub enum RpcError {
     /// A bug or an unexpected failure; the cause is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The error another server (the event's owner) answered a forwarded call with.
+    #[error("{message}")]
+    Relayed {
+        code: i64,
+        message: String,
+        data: Option<serde_json::Value>,
+    },
 }
 
 impl RpcError {
@@ -90,11 +97,24 @@ impl RpcError {
             Self::Unavailable => "UNAVAILABLE",
             Self::TransportUnsupported => "TRANSPORT_UNSUPPORTED",
             Self::Internal(_) => "INTERNAL",
+            Self::Relayed { data, .. } => known_reason(data.as_ref()),
         }
     }
 
     /// The wire form. The only place errors become JSON.
     pub fn to_error_object(&self) -> ErrorObject {
+        if let Self::Relayed {
+            code,
+            message,
+            data,
+        } = self
+        {
+            return ErrorObject {
+                code: *code,
+                message: message.clone(),
+                data: data.clone(),
+            };
+        }
         let reason = self.reason();
         let data = match self {
             Self::MethodNotFound | Self::Internal(_) => None,
@@ -155,8 +175,44 @@ impl RpcError {
             Self::RateLimited { .. } => 4001,
             Self::Unavailable => 4002,
             Self::TransportUnsupported => 4003,
+            Self::Relayed { code, .. } => *code,
         }
     }
+}
+
+/// Every `data.reason` this server answers with.
+const REASONS: [&str; 18] = [
+    "METHOD_NOT_FOUND",
+    "INVALID_PARAMS",
+    "UNAUTHENTICATED",
+    "INVALID_CREDENTIALS",
+    "FORBIDDEN",
+    "NOT_FOUND",
+    "EMAIL_TAKEN",
+    "INSUFFICIENT_TICKETS",
+    "RULE_VIOLATION",
+    "RESERVATION_EXPIRED",
+    "RESERVATION_NOT_PENDING",
+    "IDEMPOTENCY_CONFLICT",
+    "PAYMENT_DECLINED",
+    "PAYMENT_UNAVAILABLE",
+    "RATE_LIMITED",
+    "UNAVAILABLE",
+    "TRANSPORT_UNSUPPORTED",
+    "INTERNAL",
+];
+
+/// The reason of a relayed error, as one of ours (for metrics and logs); `INTERNAL` if the
+/// other server sent one this server does not know.
+fn known_reason(data: Option<&serde_json::Value>) -> &'static str {
+    let reason = data
+        .and_then(|d| d["reason"].as_str())
+        .unwrap_or("INTERNAL");
+    REASONS
+        .iter()
+        .find(|known| **known == reason)
+        .copied()
+        .unwrap_or("INTERNAL")
 }
 
 /// Storage failures are mapped as the engine maps them: a database that cannot serve is
@@ -199,6 +255,8 @@ impl From<crate::engine::EngineError> for RpcError {
                     ticket_type_id,
                     rule,
                 },
+                // Forwarding failed to reach the event's owner.
+                R::NotOwned { .. } => RpcError::Unavailable,
             },
             E::NotFound => RpcError::NotFound,
             E::Expired => RpcError::ReservationExpired,
@@ -208,6 +266,16 @@ impl From<crate::engine::EngineError> for RpcError {
             E::PaymentUnavailable => RpcError::PaymentUnavailable,
             E::Unavailable => RpcError::Unavailable,
             E::Internal(cause) => RpcError::Internal(cause),
+            E::NotOwner(_) => RpcError::Unavailable,
+            E::Relayed {
+                code,
+                message,
+                data,
+            } => RpcError::Relayed {
+                code,
+                message,
+                data,
+            },
         }
     }
 }

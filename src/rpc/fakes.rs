@@ -17,7 +17,7 @@ use crate::core::{
     Clock, Email, Event, EventId, Password, PaymentToken, ReservationId, ReserveItems, Timestamp,
     User, UserId,
 };
-use crate::engine::idempotency::{Idempotent, KeyedCall};
+use crate::engine::idempotency::{Answer, KeyedCall};
 use crate::engine::{EngineError, Paid, ReservationService};
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
@@ -32,7 +32,7 @@ impl ReservationService for NoReservations {
         _: UserId,
         _: ReserveItems,
         _: Option<KeyedCall<'_, Reservation>>,
-    ) -> Result<Idempotent<Reservation>, EngineError> {
+    ) -> Result<Answer<Reservation>, EngineError> {
         Err(EngineError::Unavailable)
     }
     async fn get(&self, _: UserId, _: ReservationId) -> Result<Reservation, EngineError> {
@@ -46,7 +46,11 @@ impl ReservationService for NoReservations {
     ) -> Result<Vec<Reservation>, EngineError> {
         Ok(Vec::new())
     }
-    async fn cancel(&self, _: UserId, _: ReservationId) -> Result<Reservation, EngineError> {
+    async fn cancel(
+        &self,
+        _: UserId,
+        _: ReservationId,
+    ) -> Result<Answer<Reservation>, EngineError> {
         Err(EngineError::Unavailable)
     }
     async fn pay(
@@ -55,7 +59,7 @@ impl ReservationService for NoReservations {
         _: ReservationId,
         _: &PaymentToken,
         _: Option<KeyedCall<'_, Paid>>,
-    ) -> Result<Idempotent<Paid>, EngineError> {
+    ) -> Result<Answer<Paid>, EngineError> {
         Err(EngineError::Unavailable)
     }
 }

@@ -14,7 +14,7 @@
 //! Every batch inserts its commit marker inside its own transaction, so a COMMIT whose
 //! answer was lost is settled later by looking the marker up.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
-use super::reservations::{Change, IdempotencyRecord, PaymentRecord, IDEMPOTENCY_TTL_MS};
+use super::reservations::{Change, Fence, IdempotencyRecord, PaymentRecord, IDEMPOTENCY_TTL_MS};
 use super::writer::{BatchStorage, Entry, PROBE_TIMEOUT};
 use super::{to_i64, StoreError};
 use crate::config::DatabaseUrl;
@@ -143,6 +143,24 @@ const INSERT_MARKER: &str = "INSERT INTO commit_markers (batch_id, created_at) V
 const SELECT_MARKER: &str = "SELECT 1 FROM commit_markers WHERE batch_id = $1";
 const DELETE_MARKERS: &str = "DELETE FROM commit_markers WHERE created_at < $1";
 
+/// Reads the epochs of the batch's events and holds them (`FOR SHARE`) until COMMIT: a
+/// takeover's `UPDATE events SET epoch = …` waits for this batch, and a batch that starts
+/// after it reads the new epoch. So a batch commits entirely before a takeover or not at all.
+const PG_LOCK_EPOCHS: &str = "SELECT id, epoch FROM events WHERE id = ANY($1::text[]) FOR SHARE";
+
+/// Every fence's event must be at the fence's epoch in `rows` (`(id, epoch)` as stored).
+fn check_fences(fences: &[Fence], rows: Vec<(String, i64)>) -> Result<(), StoreError> {
+    let stored: HashMap<String, i64> = rows.into_iter().collect();
+    for fence in fences {
+        let epoch = stored.get(&fence.event_id.to_string()).copied();
+        if epoch.and_then(|e| u64::try_from(e).ok()) != Some(fence.epoch) {
+            tracing::warn!(event = %fence.event_id, ours = fence.epoch, stored = ?epoch, "batch fenced off: another server took the event over");
+            return Err(StoreError::Fenced(fence.event_id));
+        }
+    }
+    Ok(())
+}
+
 /// PostgreSQL: arrays and `UNNEST`, one constant statement per table.
 struct PostgresBatches {
     pool: PgPool,
@@ -181,10 +199,22 @@ const PG_INSERT_KEYS: &str = "INSERT INTO idempotency_keys \
 
 #[async_trait]
 impl BatchStorage for PostgresBatches {
-    async fn commit_batch(&self, changes: &[Entry<'_>]) -> Result<(), StoreError> {
+    async fn commit_batch(
+        &self,
+        changes: &[Entry<'_>],
+        fences: &[Fence],
+    ) -> Result<(), StoreError> {
         let gathered = Gathered::from(changes)?;
         let batch = uuid::Uuid::now_v7().to_string();
         let mut tx = self.pool.begin().await?;
+        if !fences.is_empty() {
+            let ids: Vec<String> = fences.iter().map(|f| f.event_id.to_string()).collect();
+            let rows: Vec<(String, i64)> = sqlx::query_as(PG_LOCK_EPOCHS)
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+            check_fences(fences, rows)?;
+        }
         let reserves = &gathered.reserves;
         if reserves.is_empty() {
             sqlx::query(INSERT_MARKER)
@@ -352,10 +382,23 @@ const SQLITE_INSERT_KEY: &str = "INSERT INTO idempotency_keys \
 
 #[async_trait]
 impl BatchStorage for SqliteBatches {
-    async fn commit_batch(&self, changes: &[Entry<'_>]) -> Result<(), StoreError> {
+    async fn commit_batch(
+        &self,
+        changes: &[Entry<'_>],
+        fences: &[Fence],
+    ) -> Result<(), StoreError> {
         let gathered = Gathered::from(changes)?;
         let batch = uuid::Uuid::now_v7().to_string();
         let mut tx = self.pool.begin().await?;
+        // One writer at a time: the epochs read here cannot change before COMMIT.
+        for fence in fences {
+            let row: Option<(String, i64)> =
+                sqlx::query_as("SELECT id, epoch FROM events WHERE id = $1")
+                    .bind(fence.event_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            check_fences(std::slice::from_ref(fence), row.into_iter().collect())?;
+        }
         sqlx::query(INSERT_MARKER)
             .bind(&batch)
             .bind(now_millis())

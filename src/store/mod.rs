@@ -10,7 +10,7 @@ mod reservations;
 mod users;
 pub mod writer;
 
-pub use reservations::{Change, IdempotencyRecord, PaymentRecord, StoredIdempotency};
+pub use reservations::{Change, Fence, IdempotencyRecord, PaymentRecord, StoredIdempotency};
 
 use std::path::Path;
 use std::time::Duration;
@@ -47,6 +47,9 @@ pub enum StoreError {
     /// answers.
     #[error("outcome of batch {batch} unknown: {cause}")]
     OutcomeUnknown { batch: String, cause: sqlx::Error },
+    /// Another server has taken the event over since this one's epoch (cluster mode).
+    #[error("event {0} was taken over by another server")]
+    Fenced(crate::core::EventId),
 }
 
 impl StoreError {

@@ -8,7 +8,9 @@ use sqlx::Row;
 
 use super::{id_column, to_u32, Store, StoreError};
 use crate::core::reservation::{Reservation, ReservationItem, Status};
-use crate::core::{Currency, Money, PaymentId, ReservationId, TicketTypeId, Timestamp, UserId};
+use crate::core::{
+    Currency, EventId, Money, PaymentId, ReservationId, TicketTypeId, Timestamp, UserId,
+};
 
 /// One durable change of the reservation lifecycle.
 #[derive(Debug, Clone)]
@@ -23,6 +25,15 @@ pub enum Change {
     },
     /// A successful payment; the reservation becomes `paid`.
     Pay(PaymentRecord),
+}
+
+/// The event a change is about and the fencing epoch in which this server owns it (cluster
+/// mode): the batch holding the change commits only if the event's epoch in the database is
+/// still this one, so a server that lost the event to another can no longer commit to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub event_id: EventId,
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone)]

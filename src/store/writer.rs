@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::reservations::{Change, IdempotencyRecord};
+use super::reservations::{Change, Fence, IdempotencyRecord};
 use super::StoreError;
 use crate::metrics::Metrics;
 
@@ -47,10 +47,12 @@ pub type Entry<'a> = (&'a Change, Option<&'a IdempotencyRecord>);
 /// What the writer needs of the database, and nothing more.
 #[async_trait]
 pub trait BatchStorage: Send + Sync + 'static {
-    /// Commits the changes in one transaction together with a marker naming the batch. A
-    /// failure before COMMIT means nothing was committed; a failure of COMMIT itself is
-    /// [`StoreError::OutcomeUnknown`] with the batch's id.
-    async fn commit_batch(&self, changes: &[Entry<'_>]) -> Result<(), StoreError>;
+    /// Commits the changes in one transaction together with a marker naming the batch, if
+    /// every fence holds (each event's epoch is still the one given; else
+    /// [`StoreError::Fenced`]). A failure before COMMIT means nothing was committed; a
+    /// failure of COMMIT itself is [`StoreError::OutcomeUnknown`] with the batch's id.
+    async fn commit_batch(&self, changes: &[Entry<'_>], fences: &[Fence])
+        -> Result<(), StoreError>;
     /// Whether the batch of that id committed (its marker is there).
     async fn batch_committed(&self, batch: &str) -> Result<bool, StoreError>;
     /// A round trip to the database.
@@ -76,6 +78,9 @@ pub enum WriteError {
     Down,
     #[error("commit failed: {0}")]
     Failed(String),
+    /// This server no longer owns the change's event (cluster mode): nothing was sent.
+    #[error("the event is owned by another server now")]
+    Fenced,
 }
 
 /// Whether the database is known to be unreachable: set when a commit (or a health
@@ -111,6 +116,7 @@ impl StorageHealth {
 struct Job {
     change: Change,
     idempotency: Option<IdempotencyRecord>,
+    fence: Option<Fence>,
     done: oneshot::Sender<Result<(), WriteError>>,
 }
 
@@ -191,11 +197,12 @@ impl Writer {
     }
 
     /// Queues a change (with the idempotency record it produces, committed atomically with
-    /// it) and waits until it is committed.
+    /// it, and the fence it must pass in cluster mode) and waits until it is committed.
     pub async fn commit(
         &self,
         change: Change,
         idempotency: Option<IdempotencyRecord>,
+        fence: Option<Fence>,
     ) -> Result<(), WriteError> {
         if self.health.is_down() {
             return Err(WriteError::Down);
@@ -204,6 +211,7 @@ impl Writer {
         let job = Job {
             change,
             idempotency,
+            fence,
             done,
         };
         self.queue.try_send(job).map_err(|e| match e {
@@ -375,7 +383,10 @@ async fn commit(shared: &Shared, batch: Vec<Job>) {
         .iter()
         .map(|j| (&j.change, j.idempotency.as_ref()))
         .collect();
-    match storage.commit_batch(&changes).await {
+    let mut fences: Vec<Fence> = batch.iter().filter_map(|j| j.fence).collect();
+    fences.sort_unstable_by_key(|f| (f.event_id, f.epoch));
+    fences.dedup();
+    match storage.commit_batch(&changes, &fences).await {
         Ok(()) => {
             drop(changes);
             for job in batch {
@@ -401,8 +412,9 @@ async fn commit(shared: &Shared, batch: Vec<Job>) {
                     let _ = job.done.send(Err(WriteError::Down));
                     continue;
                 }
+                let fence: Vec<Fence> = job.fence.into_iter().collect();
                 match storage
-                    .commit_batch(&[(&job.change, job.idempotency.as_ref())])
+                    .commit_batch(&[(&job.change, job.idempotency.as_ref())], &fence)
                     .await
                 {
                     Ok(()) => {
@@ -451,7 +463,7 @@ pub fn unreachable(error: &StoreError) -> bool {
 /// Whether the database refused a row, as opposed to not being able to commit at all.
 fn refused_a_row(error: &StoreError) -> bool {
     match error {
-        StoreError::Corrupt { .. } | StoreError::Duplicate(_) => true,
+        StoreError::Corrupt { .. } | StoreError::Duplicate(_) | StoreError::Fenced(_) => true,
         StoreError::Database(sqlx::Error::Database(db)) => {
             !matches!(db.kind(), sqlx::error::ErrorKind::Other)
         }

@@ -15,7 +15,7 @@ use super::{BatchStorage, Entry, WriteError, Writer, QUEUE_CAPACITY};
 use crate::core::reservation::Status;
 use crate::core::{ReservationId, Timestamp};
 use crate::metrics::Metrics;
-use crate::store::{Change, StoreError};
+use crate::store::{Change, Fence, StoreError};
 
 /// What the next commit does; a commit with nothing scripted succeeds.
 #[derive(Clone, Copy)]
@@ -88,7 +88,7 @@ fn id_of(change: &Change) -> ReservationId {
 
 #[async_trait]
 impl BatchStorage for FakeStorage {
-    async fn commit_batch(&self, changes: &[Entry<'_>]) -> Result<(), StoreError> {
+    async fn commit_batch(&self, changes: &[Entry<'_>], _: &[Fence]) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mut open = self.open.subscribe();
         let _ = open.wait_for(|open| *open).await;
@@ -176,7 +176,7 @@ fn submit(
     id: ReservationId,
 ) -> tokio::task::JoinHandle<Result<(), WriteError>> {
     let writer = Arc::clone(writer);
-    tokio::spawn(async move { writer.commit(release(id), None).await })
+    tokio::spawn(async move { writer.commit(release(id), None, None).await })
 }
 
 /// Changes waiting in the queue.
@@ -198,8 +198,8 @@ async fn a_good_batch_is_acknowledged_once_committed() {
     let storage = FakeStorage::new(1);
     let writer = start(&storage, QUEUE_CAPACITY);
     let (a, b) = (ReservationId::new(), ReservationId::new());
-    assert_eq!(writer.commit(release(a), None).await, Ok(()));
-    assert_eq!(writer.commit(release(b), None).await, Ok(()));
+    assert_eq!(writer.commit(release(a), None, None).await, Ok(()));
+    assert_eq!(writer.commit(release(b), None, None).await, Ok(()));
     assert_eq!(storage.committed(), vec![a, b]);
     assert!(!writer.health().is_down());
 }
@@ -237,13 +237,15 @@ async fn an_unreachable_database_fails_the_batch_and_refuses_until_a_probe_gets_
     let storage = FakeStorage::new(1);
     let writer = start(&storage, QUEUE_CAPACITY);
     storage.then(Next::Unreachable);
-    let result = writer.commit(release(ReservationId::new()), None).await;
+    let result = writer
+        .commit(release(ReservationId::new()), None, None)
+        .await;
     assert!(matches!(result, Err(WriteError::Failed(_))), "{result:?}");
     assert!(writer.health().is_down());
 
     let calls = storage.calls();
     let refused = writer
-        .commit(release(ReservationId::new()), None)
+        .commit(release(ReservationId::new()), None, None)
         .now_or_never();
     assert_eq!(refused, Some(Err(WriteError::Down)), "refused at once");
     assert_eq!(storage.calls(), calls, "nothing reached the database");
@@ -254,7 +256,7 @@ async fn an_unreachable_database_fails_the_batch_and_refuses_until_a_probe_gets_
     storage.reachable(true);
     until("a probe got through", || !writer.health().is_down()).await;
     let later = ReservationId::new();
-    assert_eq!(writer.commit(release(later), None).await, Ok(()));
+    assert_eq!(writer.commit(release(later), None, None).await, Ok(()));
     assert_eq!(storage.committed(), vec![later]);
 }
 
@@ -273,7 +275,7 @@ async fn a_commit_of_unknown_outcome_holds_its_callers_until_a_probe_settles_it(
             "neither answered nor undone while unknown"
         );
         let refused = writer
-            .commit(release(ReservationId::new()), None)
+            .commit(release(ReservationId::new()), None, None)
             .now_or_never();
         assert_eq!(refused, Some(Err(WriteError::Down)));
 
@@ -301,7 +303,7 @@ async fn a_full_queue_is_refused_at_once() {
     until("the queue is full", || queued(&writer) == 2).await;
 
     let refused = writer
-        .commit(release(ReservationId::new()), None)
+        .commit(release(ReservationId::new()), None, None)
         .now_or_never();
     assert_eq!(refused, Some(Err(WriteError::QueueFull)));
 

@@ -89,9 +89,9 @@ async fn queue_fills_and_refuses(url: String) {
     for _ in 0..=QUEUE_CAPACITY {
         let writer = Arc::clone(&writer);
         let change = release(ReservationId::new());
-        waiting.push(tokio::spawn(
-            async move { writer.commit(change, None).await },
-        ));
+        waiting.push(tokio::spawn(async move {
+            writer.commit(change, None, None).await
+        }));
     }
     // Once the spawned commits are queued behind the blocked one, the next is refused.
     crate::harness::poll_until(Duration::from_secs(60), "a full queue", || {
@@ -99,7 +99,7 @@ async fn queue_fills_and_refuses(url: String) {
         async move {
             match tokio::time::timeout(
                 Duration::from_millis(50),
-                writer.commit(release(ReservationId::new()), None),
+                writer.commit(release(ReservationId::new()), None, None),
             )
             .await
             {

@@ -8,7 +8,7 @@ use crate::core::reservation::{Reservation, Status};
 use crate::core::{
     BadQuantity, IdempotencyKey, ItemsError, PaymentToken, ReservationId, ReserveItems,
 };
-use crate::engine::idempotency::{params_hash, Idempotent, KeyedCall};
+use crate::engine::idempotency::{params_hash, Answer, KeyedCall};
 use crate::engine::Paid;
 use crate::rpc::dispatch::{Access, Methods};
 use crate::rpc::error::item_field;
@@ -67,14 +67,15 @@ fn items_param(items: &[ItemParam]) -> Result<ReserveItems, RpcError> {
     })
 }
 
-/// The wire form of a result: a fresh one written by `wire`, a replayed one as stored.
+/// The wire form of a result: a fresh one written by `wire`; one already rendered (a
+/// replay as stored, or the answer of the event's owner) as it is.
 fn to_wire<T, W: Serialize>(
-    result: Idempotent<T>,
+    result: Answer<T>,
     wire: impl FnOnce(&T) -> W,
 ) -> Result<Value, RpcError> {
     match result {
-        Idempotent::Fresh(value) => serde_json::to_value(wire(&value)).map_err(RpcError::internal),
-        Idempotent::Replayed(text) => serde_json::from_str(&text).map_err(RpcError::internal),
+        Answer::Fresh(value) => serde_json::to_value(wire(&value)).map_err(RpcError::internal),
+        Answer::Rendered(text) => serde_json::from_str(&text).map_err(RpcError::internal),
     }
 }
 
@@ -146,12 +147,11 @@ async fn list(ctx: Ctx, params: ListParams) -> Result<ReservationList, RpcError>
     })
 }
 
-async fn cancel(ctx: Ctx, params: ReservationParams) -> Result<ReservationJson, RpcError> {
+async fn cancel(ctx: Ctx, params: ReservationParams) -> Result<Value, RpcError> {
     let user = ctx.session.user_id(ctx.services.clock.now())?;
     let id: ReservationId = parse_id(&params.reservation_id)?;
-    Ok(ReservationJson::from(
-        &ctx.services.reservations.cancel(user, id).await?,
-    ))
+    let cancelled = ctx.services.reservations.cancel(user, id).await?;
+    to_wire(cancelled, |r| ReservationJson::from(r))
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,152 @@
+//! Which events this process sells (cluster mode, PROTOCOL §10): an event is either
+//! *owned* here, in a fencing epoch, with its counters and active reservations as the
+//! module doc describes; or only *mirrored*: its availability as its owner (another server)
+//! reports it, with no active reservations, so that reads and subscriptions can be served
+//! by any server while only the owner changes anything. A mirror refuses `reserve`, and has
+//! nothing to pay, cancel or expire.
+//!
+//! Ownership moves in whole events: [`Inventory::take_over`] replaces an event's book with
+//! one rebuilt from the database, and [`Inventory::mirror_event`] gives it up.
+
+use super::{Book, Counter, Inventory, PoolState};
+use crate::core::catalog::Event;
+use crate::core::ids::{EventId, ReservationId};
+
+/// How this process holds an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// It sells the event's tickets; its commits carry `epoch`, and the database refuses them
+    /// once another server has taken the event over with a later one.
+    Owned { epoch: u64 },
+    /// Another server sells them; the availability is what it last reported.
+    Mirror,
+}
+
+/// The first pool version of an event in `epoch`: `epoch * 2^32`. A run then has 2^32
+/// changes per ticket type before it would reach the next epoch's versions, and versions
+/// stay below 2^53 (exact in JavaScript numbers) for 2^21 takeovers.
+pub fn first_version(epoch: u64) -> u64 {
+    epoch.saturating_mul(1 << 32)
+}
+
+impl Inventory {
+    /// Adds an event that another server owns, with the availability and version the
+    /// database or its owner gave. Returns `false`, changing nothing, if it is already here.
+    pub fn insert_mirror(&self, event: Event, available: &[u32], version: u64) -> bool {
+        let id = event.id;
+        if !self.insert_event_at(event, available, version) {
+            return false;
+        }
+        if let Some(state) = self.event_state(id) {
+            state.lock().holding = Holding::Mirror;
+        }
+        true
+    }
+
+    /// How this process holds the event, or `None` if it does not know it.
+    pub fn holding(&self, event_id: EventId) -> Option<Holding> {
+        let state = self.event_state(event_id)?;
+        let holding = state.lock().holding;
+        Some(holding)
+    }
+
+    /// The fencing epoch of an owned event; `None` for a mirror or an unknown event.
+    pub fn epoch(&self, event_id: EventId) -> Option<u64> {
+        match self.holding(event_id)? {
+            Holding::Owned { epoch } => Some(epoch),
+            Holding::Mirror => None,
+        }
+    }
+
+    /// Makes this process the event's owner in `epoch`: availability as rebuilt from the
+    /// database (`available[i]` for ticket type `i`), versions from the epoch's first, and no
+    /// active reservation yet (the caller restores the pending ones with
+    /// [`restore_pending`](Self::restore_pending)). Any reservation it had active before is
+    /// forgotten, and returned. `None` if the event is unknown.
+    ///
+    /// # Panics
+    /// If `available` does not have one entry per ticket type.
+    pub fn take_over(
+        &self,
+        event_id: EventId,
+        available: &[u32],
+        epoch: u64,
+    ) -> Option<Vec<ReservationId>> {
+        let state = self.event_state(event_id)?;
+        assert_eq!(available.len(), state.event.ticket_types.len());
+        let forgotten = {
+            let mut book = state.lock();
+            book.pools = available
+                .iter()
+                .zip(&state.event.ticket_types)
+                .map(|(&available, ticket_type)| Counter {
+                    available: available.min(ticket_type.capacity),
+                    version: first_version(epoch),
+                })
+                .collect();
+            book.holding = Holding::Owned { epoch };
+            forget_active(&mut book)
+        };
+        self.forget_reservations(&forgotten);
+        Some(forgotten)
+    }
+
+    /// Gives an owned event up (another server took it over): it becomes a mirror, keeping
+    /// its last availability until its new owner reports, and its active reservations are
+    /// forgotten here (they are the new owner's now) and returned. `None` if unknown.
+    pub fn mirror_event(&self, event_id: EventId) -> Option<Vec<ReservationId>> {
+        let state = self.event_state(event_id)?;
+        let forgotten = {
+            let mut book = state.lock();
+            book.holding = Holding::Mirror;
+            forget_active(&mut book)
+        };
+        self.forget_reservations(&forgotten);
+        Some(forgotten)
+    }
+
+    /// Applies the availability an event's owner reported to its mirror here: each pool whose
+    /// version is newer than the one held. Returns the pools that changed (nothing for an
+    /// owned or unknown event: the owner's own counters are the truth).
+    pub fn mirror_pools(&self, event_id: EventId, reported: &[PoolState]) -> Vec<PoolState> {
+        let Some(state) = self.event_state(event_id) else {
+            return Vec::new();
+        };
+        let mut book = state.lock();
+        if book.holding != Holding::Mirror {
+            return Vec::new();
+        }
+        let mut changed = Vec::with_capacity(reported.len());
+        for pool in reported {
+            let Some(&position) = state.positions.get(&pool.ticket_type_id) else {
+                continue;
+            };
+            let capacity = state.event.ticket_types[position].capacity;
+            let counter = &mut book.pools[position];
+            if pool.version > counter.version {
+                counter.available = pool.available.min(capacity);
+                counter.version = pool.version;
+                changed.push(PoolState {
+                    available: counter.available,
+                    ..*pool
+                });
+            }
+        }
+        changed
+    }
+
+    /// The ids of every event known here.
+    pub fn event_ids(&self) -> Vec<EventId> {
+        self.events.iter().map(|entry| *entry.key()).collect()
+    }
+
+    fn forget_reservations(&self, ids: &[ReservationId]) {
+        for id in ids {
+            self.reservations.remove(id);
+        }
+    }
+}
+
+fn forget_active(book: &mut Book) -> Vec<ReservationId> {
+    std::mem::take(&mut book.active).into_keys().collect()
+}
