@@ -14,6 +14,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Accounts, Passwords, Tokens};
 use crate::catalog::{Catalog, CatalogService, CreateEventError, EventRecords, FieldError};
+use crate::cluster::directory::Directory;
+use crate::cluster::forward::Routed;
+use crate::cluster::ownership::Ownership;
+use crate::cluster::relay::{Relay, RelayTasks};
 use crate::config::Settings;
 use crate::core::inventory::Inventory;
 use crate::core::reservation::{Reservation, Status};
@@ -22,8 +26,10 @@ use crate::core::{
 };
 use crate::engine::payments::TestPayments;
 use crate::engine::ports::{Commits, Records, RecoverySource};
-use crate::engine::{Engine, EngineParts};
+use crate::engine::takeover::TakeoverSource;
+use crate::engine::{Engine, EngineParts, ReservationService};
 use crate::expiry::{sweeper, Deliveries, ExpiryStartError, DUE_CAPACITY};
+use crate::fanout::notify::Notifier;
 use crate::fanout::{FanOut, DEFAULT_WINDOW};
 use crate::metrics::Metrics;
 use crate::rpc::dispatch::{Dispatcher, Limits};
@@ -41,6 +47,8 @@ pub const OPENRPC: &str = include_str!("../protocol/openrpc.json");
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often idempotency keys past their 24 hours are deleted.
 const FORGET_KEYS_EVERY: Duration = Duration::from_secs(3600);
+/// How long a cluster server waits for Redis at start.
+const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the login budgets of quiet addresses are dropped.
 const FORGET_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
 
@@ -63,6 +71,11 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// What the method table runs with.
     pub services: Arc<Services>,
+    /// What calls forwarded by other servers run with (cluster mode): the same, with the
+    /// local engine only, so a forwarded call is never forwarded again.
+    pub owner_services: Arc<Services>,
+    /// Cluster mode's parts; `None` for a server alone on its database.
+    pub cluster: Option<ClusterParts>,
     /// Logins and registrations per client address.
     pub auth_limiter: Arc<AddressLimiter>,
     /// Caps open WebSocket connections.
@@ -79,6 +92,12 @@ pub struct App {
     writer_task: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// What a cluster server runs besides a single one.
+pub struct ClusterParts {
+    pub directory: Arc<Directory>,
+    pub ownership: Arc<Ownership>,
+}
+
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -93,6 +112,8 @@ pub enum StartError {
     Demo(FieldError),
     #[error("expiry: {0}")]
     Expiry(#[from] ExpiryStartError),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 impl App {
@@ -113,7 +134,13 @@ impl App {
         store.migrate().await?;
         let writer_storage =
             batches::connect(&settings.database(), settings.writer_connections).await?;
-        let secret = jwt_secret(&settings)?;
+        let secret = if settings.cluster && settings.jwt_secret.is_none() {
+            // Every server of the cluster must check the tokens the others sign.
+            let candidate = hex::encode(rand::random::<[u8; 32]>());
+            store.shared_jwt_secret(&candidate).await?
+        } else {
+            jwt_secret(&settings)?
+        };
         let metrics = Arc::new(Metrics::for_node(&node));
         let stop_writer = CancellationToken::new();
         let (writer, writer_task) = Writer::start(
@@ -135,49 +162,101 @@ impl App {
         let expiry =
             crate::expiry::start(&settings, Arc::clone(&clock), deliveries, &background).await?;
         let storage_health = Arc::clone(writer.health());
+        let directory = match (&settings.redis_url, settings.cluster) {
+            (Some(url), true) => Some(Arc::new(
+                Directory::new(url, &settings.redis_prefix, &node).map_err(StartError::Cluster)?,
+            )),
+            _ => None,
+        };
+        let (notifier, relay_tasks): (Arc<dyn Notifier>, _) = match &directory {
+            Some(_) => {
+                let (relay, tasks) = Relay::new(Arc::clone(&fanout), &settings.redis_prefix, &node);
+                (relay, Some(tasks))
+            }
+            None => (fanout.clone(), None),
+        };
         let engine = Arc::new(Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
             store: Arc::new(store.clone()),
             writer: Arc::new(writer),
             expiry,
             payments: Arc::new(TestPayments),
-            notifier: fanout.clone(),
+            notifier,
             clock: Arc::clone(&clock),
             ttl: settings.reservation_ttl,
             fenced: settings.cluster,
         }));
         let tokens = Tokens::new(secret.as_bytes(), settings.token_ttl);
         let passwords = Passwords::new(std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let catalog = Arc::new(Catalog::new(
+        let claim_now = Arc::new(Notify::new());
+        let mut catalog = Catalog::new(
             Arc::new(store.clone()),
             Arc::clone(&inventory),
             Arc::clone(&clock),
-        ));
+        );
+        if directory.is_some() {
+            catalog = catalog.claimed_by(Arc::clone(&claim_now));
+        }
+        let catalog = Arc::new(catalog);
         let tasks = TaskTracker::new();
-        let services = Arc::new(Services {
-            reservations: engine.clone(),
-            catalog: catalog.clone(),
-            accounts: Arc::new(
-                Accounts::new(
-                    store.clone(),
+        let accounts: Arc<Accounts> = Arc::new(
+            Accounts::new(
+                store.clone(),
+                tokens.clone(),
+                passwords.clone(),
+                Arc::clone(&clock),
+            )
+            .watching(Arc::clone(&storage_health)),
+        );
+        let services_with = |reservations: Arc<dyn ReservationService>| {
+            Arc::new(Services {
+                reservations,
+                catalog: catalog.clone(),
+                accounts: accounts.clone(),
+                subscriptions: Arc::clone(&fanout),
+                clock: Arc::clone(&clock),
+                metrics: Arc::clone(&metrics),
+                tasks: tasks.clone(),
+                openrpc: serde_json::from_str(OPENRPC)
+                    .expect("protocol/openrpc.json is valid JSON"),
+                dispatcher: Dispatcher::new(
+                    methods::all(),
+                    Limits {
+                        max_batch: settings.max_batch as usize,
+                    },
+                ),
+            })
+        };
+        let owner_services = services_with(engine.clone());
+        let (services, cluster) = match &directory {
+            Some(directory) => {
+                let base_url = settings.advertise_url.clone().ok_or_else(|| {
+                    StartError::Cluster("no address to advertise (--advertise-url)".to_owned())
+                })?;
+                let routed = Routed::new(
+                    engine.clone(),
+                    Arc::clone(directory),
                     tokens.clone(),
-                    passwords.clone(),
                     Arc::clone(&clock),
-                )
-                .watching(Arc::clone(&storage_health)),
-            ),
-            subscriptions: Arc::clone(&fanout),
-            clock: Arc::clone(&clock),
-            metrics: Arc::clone(&metrics),
-            tasks: tasks.clone(),
-            openrpc: serde_json::from_str(OPENRPC).expect("protocol/openrpc.json is valid JSON"),
-            dispatcher: Dispatcher::new(
-                methods::all(),
-                Limits {
-                    max_batch: settings.max_batch as usize,
-                },
-            ),
-        });
+                    Arc::clone(&metrics),
+                );
+                let ownership = Arc::new(Ownership::new(
+                    Arc::clone(directory),
+                    engine.clone(),
+                    Arc::clone(&inventory),
+                    Arc::new(store.clone()),
+                    Arc::clone(&metrics),
+                    base_url,
+                    Arc::clone(&claim_now),
+                ));
+                let parts = ClusterParts {
+                    directory: Arc::clone(directory),
+                    ownership,
+                };
+                (services_with(Arc::new(routed)), Some(parts))
+            }
+            None => (Arc::clone(&owner_services), None),
+        };
         let app = Arc::new(App {
             auth_limiter: Arc::new(AddressLimiter::new(
                 settings.auth_rate_limit,
@@ -187,6 +266,8 @@ impl App {
             tokens,
             passwords,
             services,
+            owner_services,
+            cluster,
             catalog,
             shutdown: CancellationToken::new(),
             tasks,
@@ -204,7 +285,12 @@ impl App {
             clock,
             settings,
         });
-        app.recover().await?;
+        match &app.cluster {
+            None => app.recover().await?,
+            Some(cluster) => {
+                app.join_cluster(cluster, relay_tasks).await?;
+            }
+        }
         app.background
             .spawn(Arc::clone(&app.fanout).run(app.stop_background.clone()));
         app.background.spawn(sweeper::expire_due(
@@ -241,6 +327,49 @@ impl App {
         Ok(())
     }
 
+    /// Cluster mode: every event starts as a mirror (nothing is taken over at start), the
+    /// relay starts, and the ownership round claims what nobody owns.
+    async fn join_cluster(
+        &self,
+        cluster: &ClusterParts,
+        relay: Option<RelayTasks>,
+    ) -> Result<(), StartError> {
+        let directory = &cluster.directory;
+        if !directory.connect(CLUSTER_CONNECT_TIMEOUT).await {
+            return Err(StartError::Cluster(format!(
+                "Redis did not answer within {} s",
+                CLUSTER_CONNECT_TIMEOUT.as_secs()
+            )));
+        }
+        let mirrored = self.engine.mirror_new_events(&self.store).await?;
+        tracing::info!(
+            events = mirrored.len(),
+            node = directory.node(),
+            "joined the cluster: events mirrored until claimed"
+        );
+        if let Some(relay) = relay {
+            self.background
+                .spawn(relay.publish(directory.client().clone(), self.stop_background.clone()));
+        }
+        let subscriber = crate::cluster::directory::subscriber_for(
+            self.settings.redis_url.as_deref().unwrap_or_default(),
+        )
+        .map_err(StartError::Cluster)?;
+        self.background.spawn(crate::cluster::relay::listen(
+            subscriber,
+            self.settings.redis_prefix.clone(),
+            directory.node().to_owned(),
+            Arc::clone(&self.inventory),
+            Arc::clone(&self.fanout),
+            self.stop_background.clone(),
+        ));
+        // The first round before any call: this server claims what nobody holds.
+        cluster.ownership.round().await;
+        self.background
+            .spawn(Arc::clone(&cluster.ownership).run(self.stop_background.clone()));
+        Ok(())
+    }
+
     async fn seed_demo(&self) -> Result<(), StartError> {
         if self.store.event_count().await? > 0 {
             return Ok(());
@@ -270,6 +399,11 @@ impl App {
             .take();
         if let Some(writer) = writer {
             let _ = writer.await;
+        }
+        if let Some(cluster) = &self.cluster {
+            // Everything acknowledged is committed: hand the events over now.
+            cluster.ownership.resign().await;
+            cluster.directory.quit().await;
         }
         self.close_storage().await;
     }
@@ -414,6 +548,30 @@ impl RecoverySource for Store {
 
     async fn pending_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
         Store::pending_reservations(self).await
+    }
+}
+
+/// Taking events over reads and bumps their rows.
+#[async_trait]
+impl TakeoverSource for Store {
+    async fn take_over_event(&self, id: EventId) -> Result<u64, StoreError> {
+        Store::take_over_event(self, id).await
+    }
+
+    async fn event_epochs(&self) -> Result<HashMap<EventId, u64>, StoreError> {
+        Store::event_epochs(self).await
+    }
+
+    async fn load_events(&self) -> Result<Vec<Event>, StoreError> {
+        Store::load_events(self).await
+    }
+
+    async fn held_of_event(&self, id: EventId) -> Result<HashMap<TicketTypeId, u64>, StoreError> {
+        Store::held_of_event(self, id).await
+    }
+
+    async fn pending_of_event(&self, id: EventId) -> Result<Vec<Reservation>, StoreError> {
+        Store::pending_of_event(self, id).await
     }
 }
 

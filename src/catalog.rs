@@ -56,6 +56,9 @@ pub struct Catalog {
     records: Arc<dyn EventRecords>,
     inventory: Arc<Inventory>,
     clock: Arc<dyn Clock>,
+    /// Cluster mode: a created event starts as a mirror, and this wakes whoever claims
+    /// events (any server may end up owning it).
+    claim_new: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Catalog {
@@ -68,7 +71,14 @@ impl Catalog {
             records,
             inventory,
             clock,
+            claim_new: None,
         }
+    }
+
+    /// In cluster mode: created events are mirrors until claimed; `claim` is woken.
+    pub fn claimed_by(mut self, claim: Arc<tokio::sync::Notify>) -> Self {
+        self.claim_new = Some(claim);
+        self
     }
 }
 
@@ -95,7 +105,15 @@ impl CatalogService for Catalog {
         // Stored first: pools open only for an event that will survive a restart.
         self.records.insert_event(&event, self.clock.now()).await?;
         let available: Vec<u32> = event.ticket_types.iter().map(|tt| tt.capacity).collect();
-        self.inventory.insert_event(event.clone(), &available);
+        match &self.claim_new {
+            None => {
+                self.inventory.insert_event(event.clone(), &available);
+            }
+            Some(claim) => {
+                self.inventory.insert_mirror(event.clone(), &available, 0);
+                claim.notify_one();
+            }
+        }
         tracing::info!(event_id = %event.id, name = %event.name, "event created");
         Ok(event)
     }

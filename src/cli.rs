@@ -18,8 +18,7 @@ pub type CommandError = Box<dyn std::error::Error + Send + Sync>;
 #[error("{0}")]
 pub struct Refusal(pub String);
 
-/// Cluster mode needs PostgreSQL and Redis; this build has no cluster coordination, so
-/// it refuses rather than run several inventories over one database.
+/// Cluster mode needs PostgreSQL and Redis (PROTOCOL §9).
 fn check_cluster(settings: &Settings) -> Result<(), Refusal> {
     if !settings.cluster {
         return Ok(());
@@ -34,9 +33,20 @@ fn check_cluster(settings: &Settings) -> Result<(), Refusal> {
             "--cluster: needs --redis-url (REDIS_URL)".to_owned(),
         ));
     }
-    Err(Refusal(
-        "--cluster: cluster mode is not available in this build".to_owned(),
-    ))
+    Ok(())
+}
+
+/// The URL other servers reach this one at: the configured one, or the bound address.
+fn advertised(settings: &Settings, bound: std::net::SocketAddr) -> Result<String, Refusal> {
+    if let Some(url) = &settings.advertise_url {
+        return Ok(url.clone());
+    }
+    if bound.ip().is_unspecified() {
+        return Err(Refusal(format!(
+            "--cluster: listening on {bound} needs --advertise-url (TICKET_API_ADVERTISE_URL): the address other servers reach this one at"
+        )));
+    }
+    Ok(format!("http://{bound}"))
 }
 
 /// Takes the database for this process: another server on it is a refusal (exit 2).
@@ -44,9 +54,11 @@ async fn take_database(
     settings: &Settings,
 ) -> Result<crate::exclusive::DatabaseLock, CommandError> {
     use crate::exclusive::{acquire, LockError};
-    match acquire(&settings.database()).await {
+    match acquire(&settings.database(), settings.cluster).await {
         Ok(lock) => Ok(lock),
-        Err(held @ LockError::Held) => Err(Refusal(held.to_string()).into()),
+        Err(held @ (LockError::Held | LockError::HeldAlone | LockError::HeldByCluster)) => {
+            Err(Refusal(held.to_string()).into())
+        }
         Err(other) => Err(other.into()),
     }
 }
@@ -70,12 +82,15 @@ pub async fn run(command: Command, settings: Settings) -> Result<(), CommandErro
 }
 
 /// Starts the server and runs it until SIGINT or SIGTERM.
-pub async fn serve(settings: Settings) -> Result<(), CommandError> {
+pub async fn serve(mut settings: Settings) -> Result<(), CommandError> {
     check_cluster(&settings)?;
     // Held until the server has stopped.
     let _database = take_database(&settings).await?;
     let listener = crate::server::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    if settings.cluster {
+        settings.advertise_url = Some(advertised(&settings, listener.local_addr()?)?);
+    }
     let app = App::start(settings).await?;
     let addr = listener.local_addr()?;
     let node = app.settings.node_id.as_deref().unwrap_or("");

@@ -93,6 +93,12 @@ pub struct Settings {
     #[arg(long, env = "TICKET_API_CLUSTER", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
     pub cluster: bool,
 
+    /// Cluster mode: the base URL other servers reach this one at (`http://10.0.0.5:4000`);
+    /// default: `http://` and the address the listener bound (which must then not be
+    /// `0.0.0.0` or `[::]`).
+    #[arg(long, env = "TICKET_API_ADVERTISE_URL", value_parser = parse_advertise_url, global = true)]
+    pub advertise_url: Option<String>,
+
     /// Folder of the embedded database and the generated JWT secret.
     #[arg(
         long,
@@ -259,6 +265,17 @@ pub fn parse_bool(text: &str) -> Result<bool, String> {
         "0" | "false" | "no" | "off" => Ok(false),
         _ => Err("expected one of 1/0, true/false, yes/no, on/off".to_owned()),
     }
+}
+
+fn parse_advertise_url(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("an http:// URL (servers talk plain HTTP to each other)")?;
+    if rest.is_empty() || rest.contains('/') {
+        return Err("http://host:port, without a path".to_owned());
+    }
+    Ok(url.to_owned())
 }
 
 fn parse_node_id(text: &str) -> Result<String, String> {

@@ -3,6 +3,9 @@
 //! holds, for its lifetime, a PostgreSQL advisory lock on a connection of its own, or an
 //! exclusive lock on a file next to the SQLite database. The operating system and
 //! PostgreSQL release both when the process ends, however it ends.
+//!
+//! Cluster servers hold the same advisory lock *shared*: any number of them together, but
+//! never beside a server that holds it exclusively, in either order.
 
 use std::path::PathBuf;
 
@@ -26,27 +29,49 @@ pub enum DatabaseLock {
 pub enum LockError {
     #[error("DATABASE_URL: another ticket-api server is using this database; stop it first (several servers on one database need --cluster)")]
     Held,
+    #[error("DATABASE_URL: a ticket-api server outside cluster mode is using this database; stop it first, or start every server with --cluster")]
+    HeldAlone,
+    #[error("DATABASE_URL: ticket-api servers in cluster mode are using this database; start this one with --cluster too")]
+    HeldByCluster,
     #[error("database lock: {0}")]
     Failed(String),
 }
 
-/// Takes the database for this process, or says that another server has it.
-pub async fn acquire(database: &DatabaseUrl) -> Result<DatabaseLock, LockError> {
+/// Takes the database for this process (shared with other cluster servers when
+/// `cluster`), or says that another server has it.
+pub async fn acquire(database: &DatabaseUrl, cluster: bool) -> Result<DatabaseLock, LockError> {
     match database {
         DatabaseUrl::Postgres(url) => {
             let mut connection = sqlx::PgConnection::connect(url)
                 .await
                 .map_err(|e| LockError::Failed(e.to_string()))?;
-            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            let take = if cluster {
+                "SELECT pg_try_advisory_lock_shared($1)"
+            } else {
+                "SELECT pg_try_advisory_lock($1)"
+            };
+            let taken: bool = sqlx::query_scalar(take)
                 .bind(ADVISORY_KEY)
                 .fetch_one(&mut connection)
                 .await
                 .map_err(|e| LockError::Failed(e.to_string()))?;
             if taken {
-                Ok(DatabaseLock::Postgres(connection))
-            } else {
-                Err(LockError::Held)
+                return Ok(DatabaseLock::Postgres(connection));
             }
+            // Who holds it: cluster servers hold it shared (mode ShareLock).
+            let shared: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND granted AND mode = 'ShareLock' AND database = \
+                 (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            )
+            .fetch_one(&mut connection)
+            .await
+            .unwrap_or(false);
+            Err(match (cluster, shared) {
+                (true, _) => LockError::HeldAlone,
+                (false, true) => LockError::HeldByCluster,
+                (false, false) => LockError::Held,
+            })
         }
         DatabaseUrl::Sqlite(url) => {
             let Some(path) = lock_path(url) else {
@@ -109,9 +134,9 @@ mod tests {
     async fn a_second_holder_of_one_sqlite_database_is_refused_until_the_first_lets_go() {
         let dir = tempfile::tempdir().unwrap();
         let url = DatabaseUrl::embedded(dir.path());
-        let first = acquire(&url).await.unwrap();
-        assert!(matches!(acquire(&url).await, Err(LockError::Held)));
+        let first = acquire(&url, false).await.unwrap();
+        assert!(matches!(acquire(&url, false).await, Err(LockError::Held)));
         drop(first);
-        assert!(acquire(&url).await.is_ok());
+        assert!(acquire(&url, false).await.is_ok());
     }
 }

@@ -8,6 +8,8 @@
 //! app, server, cli        wiring: the only place that knows the concrete implementations
 //!   transport             ws | longpoll | http: framing only
 //!     rpc                 wire types, dispatch, one method table over rpc::Services
+//!       cluster           cluster mode: leases in Redis, forwarding to an event's owner
+//!                         (a ReservationService), fan-out between servers
 //!       auth, catalog     services behind ports (AccountService, CatalogService);
 //!                         the catalog stores events through EventRecords
 //!       engine            the reservation lifecycle (ReservationService) and recovery;
@@ -26,6 +28,9 @@
 //! - [`rpc`]: JSON-RPC 2.0 wire types, the one error mapping, the call context
 //!   ([`rpc::Ctx`]: [`rpc::Services`] and the caller's [`rpc::Session`]) and one method
 //!   table that every domain module registers into.
+//! - [`cluster`]: several servers on one database (`--cluster`): event ownership by
+//!   leases and fencing epochs, calls forwarded to the owner, changes relayed to every
+//!   server's subscribers.
 //! - [`auth`]: Argon2id password hashes, HS256 JWTs and the accounts service.
 //! - [`catalog`]: event drafts, their validation and creation, and event reads.
 //! - [`engine`]: the reservation lifecycle over the core, with the writer, storage, expiry,
@@ -45,6 +50,7 @@ pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod demo;

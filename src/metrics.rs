@@ -46,6 +46,10 @@ pub struct Metrics {
     in_flight: Family<MethodLabels, Gauge>,
     gets_waiting: Gauge,
     ws_closes: Family<CloseLabels, Counter>,
+    owned_events: Gauge,
+    forwarded: Family<CallLabels, Counter>,
+    forward_latency: Histogram,
+    takeovers: Counter,
 }
 
 /// Counts something in progress until dropped (a call running, a GET waiting).
@@ -116,6 +120,30 @@ impl Metrics {
             "WebSocket connections ended, by close code and reason (1006: lost without a close)",
             ws_closes.clone(),
         );
+        let owned_events = Gauge::default();
+        registry.register(
+            "cluster_owned_events",
+            "Events this server owns (sells) in cluster mode",
+            owned_events.clone(),
+        );
+        let forwarded = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "cluster_forwarded",
+            "Calls forwarded to the server owning their event, by method and outcome",
+            forwarded.clone(),
+        );
+        let forward_latency = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        registry.register(
+            "cluster_forward_duration_seconds",
+            "Time from forwarding a call to the owner's answer",
+            forward_latency.clone(),
+        );
+        let takeovers = Counter::default();
+        registry.register(
+            "cluster_takeovers",
+            "Events this server has taken over",
+            takeovers.clone(),
+        );
         Self {
             registry,
             connections,
@@ -125,7 +153,29 @@ impl Metrics {
             in_flight,
             gets_waiting,
             ws_closes,
+            owned_events,
+            forwarded,
+            forward_latency,
+            takeovers,
         }
+    }
+
+    /// How many events this server owns now.
+    pub fn set_owned_events(&self, count: usize) {
+        self.owned_events
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// One forwarded call: its method, outcome (`ok`, or the error's reason) and time.
+    pub fn record_forward(&self, method: &'static str, outcome: &'static str, took: Duration) {
+        self.forwarded
+            .get_or_create(&CallLabels { method, outcome })
+            .inc();
+        self.forward_latency.observe(took.as_secs_f64());
+    }
+
+    pub fn record_takeover(&self) {
+        self.takeovers.inc();
     }
 
     /// Counts one call; `method` must come from the method table (or be a fixed label),

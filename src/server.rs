@@ -17,7 +17,7 @@ use tower::Service as _;
 use crate::app::App;
 use crate::transport::admission::{self, Admission};
 use crate::transport::longpoll::LongPollSessions;
-use crate::transport::{http, longpoll, origin, ws};
+use crate::transport::{follow, http, longpoll, origin, ws};
 
 /// How long shutdown waits for open connections to finish their calls and close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,9 +29,8 @@ pub fn router(app: Arc<App>) -> Router {
     let max_body = app.settings.max_message_bytes as usize;
     let long_polls = LongPollSessions::start(&app);
     // The routes a page of another site could drive a visitor's session through.
-    let sessions = Router::new()
-        .route("/ws", get(ws::upgrade))
-        .route("/lp", post(longpoll::open))
+    // A session held by another server of the cluster is followed there.
+    let session_calls = Router::new()
         .route(
             "/lp/{session}",
             post(longpoll::call)
@@ -40,12 +39,21 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&app),
+            follow::follow_session,
+        ));
+    let sessions = Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/lp", post(longpoll::open))
+        .merge(session_calls)
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app),
             origin::check,
         ));
     Router::new()
         .route("/", get(http::index))
         .route("/client.js", get(http::client_js))
         .route("/rpc", post(http::rpc))
+        .route(crate::cluster::forward::ROUTE, post(http::cluster_rpc))
         .merge(sessions)
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))

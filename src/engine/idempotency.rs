@@ -23,6 +23,17 @@ pub struct KeyedCall<'a, T> {
     pub render: &'a (dyn Fn(&T) -> String + Send + Sync),
 }
 
+impl<T> Clone for KeyedCall<'_, T> {
+    fn clone(&self) -> Self {
+        Self {
+            method: self.method,
+            key: self.key,
+            params_hash: self.params_hash.clone(),
+            render: self.render,
+        }
+    }
+}
+
 /// SHA-256 of a canonical description of the params, hex encoded.
 pub fn params_hash(canonical: &str) -> String {
     hex::encode(Sha256::digest(canonical.as_bytes()))

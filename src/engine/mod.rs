@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod payments;
 pub mod ports;
 pub mod recovery;
+pub mod takeover;
 #[cfg(test)]
 mod tests;
 

@@ -27,17 +27,7 @@ impl Engine {
         let event_count = events.len();
         for event in events {
             let epoch = epochs.get(&event.id).copied().unwrap_or(0);
-            let available: Vec<u32> = event
-                .ticket_types
-                .iter()
-                .map(|tt| {
-                    let taken = held.get(&tt.id).copied().unwrap_or(0);
-                    if taken > u64::from(tt.capacity) {
-                        tracing::error!(ticket_type = %tt.id, taken, capacity = tt.capacity, "more tickets held than exist");
-                    }
-                    u64::from(tt.capacity).saturating_sub(taken) as u32
-                })
-                .collect();
+            let available = super::takeover::availability(&event, &held);
             self.inventory
                 .insert_event_at(event, &available, first_version(epoch));
         }
@@ -55,7 +45,7 @@ impl Engine {
 
     /// Puts a pending reservation loaded from storage back under expiry; `false` if the
     /// inventory cannot track it (unknown event or ticket type, or already active).
-    fn restore(&self, reservation: Reservation) -> bool {
+    pub(super) fn restore(&self, reservation: Reservation) -> bool {
         let (id, expires_at) = (reservation.id, reservation.expires_at);
         let restored = self.inventory.restore_pending(reservation);
         if restored {

@@ -541,7 +541,7 @@ pub fn check_url(url: &str) -> Result<(), String> {
     parse_url(url).map(|_| ())
 }
 
-fn parse_url(url: &str) -> Result<Config, String> {
+pub(crate) fn parse_url(url: &str) -> Result<Config, String> {
     if url.starts_with("rediss://") {
         return Err("rediss:// (TLS) is not supported by this build; use redis://".into());
     }
@@ -554,7 +554,7 @@ fn parse_url(url: &str) -> Result<Config, String> {
 }
 
 /// A client that retries forever with backoff, also for its first connection.
-fn build_client(config: &Config, events: usize) -> Result<Client, ExpiryStartError> {
+pub(crate) fn build_client(config: &Config, events: usize) -> Result<Client, ExpiryStartError> {
     let mut config = config.clone();
     config.fail_fast = false;
     Builder::from_config(config)

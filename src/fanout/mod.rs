@@ -212,11 +212,21 @@ impl Notifier for FanOut {
     }
 
     fn reservation_updated(&self, reservation: &Reservation) {
-        let outboxes: Vec<Arc<Outbox>> = match self.owners.get(&reservation.user_id) {
+        if self.owners.contains_key(&reservation.user_id) {
+            let text = shapes::reservation_updated(reservation).into();
+            self.to_user(reservation.user_id, text);
+        }
+    }
+}
+
+impl FanOut {
+    /// Pushes a notification already rendered (by this server, or by the server where the
+    /// change happened) to every connection of `user` here.
+    pub fn to_user(&self, user: UserId, text: Arc<str>) {
+        let outboxes: Vec<Arc<Outbox>> = match self.owners.get(&user) {
             Some(sessions) => sessions.values().cloned().collect(),
             None => return,
         };
-        let text: Arc<str> = shapes::reservation_updated(reservation).into();
         for outbox in outboxes {
             outbox.push_event(Arc::clone(&text));
         }

@@ -7,6 +7,7 @@
 pub mod batches;
 mod catalog;
 mod reservations;
+mod tenure;
 mod users;
 pub mod writer;
 

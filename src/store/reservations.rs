@@ -187,7 +187,10 @@ impl Store {
     }
 
     /// Attaches their items to reservation rows (one query for all of them).
-    async fn with_items(&self, rows: Vec<AnyRow>) -> Result<Vec<Reservation>, StoreError> {
+    pub(super) async fn with_items(
+        &self,
+        rows: Vec<AnyRow>,
+    ) -> Result<Vec<Reservation>, StoreError> {
         let mut reservations = rows
             .iter()
             .map(reservation_from_row)
@@ -229,7 +232,7 @@ impl Store {
     }
 }
 
-const SELECT_RESERVATIONS: &str =
+pub(super) const SELECT_RESERVATIONS: &str =
     "SELECT id, user_id, event_id, status, total_amount, currency, created_at, expires_at FROM reservations";
 
 fn reservation_from_row(row: &AnyRow) -> Result<Reservation, StoreError> {

@@ -32,19 +32,44 @@ pub async fn rpc(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let services = Arc::clone(&app.services);
+    one_shot(&app, services, peer, &headers, &body).await
+}
+
+/// `POST /cluster/rpc`: a call another server of the cluster forwarded, on behalf of the
+/// user its token names, for an event it believes this server owns. It runs on this
+/// server's engine only: if the event is not owned here (any more), it answers
+/// `UNAVAILABLE` rather than forward again.
+pub async fn cluster_rpc(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let services = Arc::clone(&app.owner_services);
+    one_shot(&app, services, peer, &headers, &body).await
+}
+
+async fn one_shot(
+    app: &Arc<App>,
+    services: Arc<crate::rpc::Services>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     let session = Arc::new(Session::new(Transport::Http, None));
     session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
-    match authenticate(&app, &headers, None).await {
+    match authenticate(app, headers, None).await {
         Bearer::Absent => {}
         Bearer::Valid(principal) => session.bind(principal),
         Bearer::Refused(why) => session.refuse(why),
         // Calls needing a user answer UNAVAILABLE; public calls proceed.
         Bearer::Unverifiable => session.refuse_unverifiable(),
     }
-    let Some(text) = super::utf8_or_parse_error(&body) else {
+    let Some(text) = super::utf8_or_parse_error(body) else {
         return super::parse_error_response();
     };
-    let ctx = Ctx::new(Arc::clone(&app.services), session);
+    let ctx = Ctx::new(services, session);
     match handle_detached(ctx, text, None).await {
         Some(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
@@ -65,23 +90,26 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
         storage_health.mark_down();
     }
     let expiry = app.engine.expiry().healthy();
-    let status = if storage && expiry { "ok" } else { "degraded" };
+    // A cluster server takes part while its leases and addresses reach Redis.
+    let cluster = app.cluster.as_ref().map(|c| c.directory.healthy());
+    let healthy = storage && expiry && cluster != Some(false);
+    let status = if healthy { "ok" } else { "degraded" };
     let part = |ok: bool| if ok { "ok" } else { "down" };
-    let code = if storage && expiry {
+    let code = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        code,
-        axum::Json(json!({
-            "status": status,
-            "storage": part(storage),
-            "expiry": part(expiry),
-            "node": app.settings.node_id,
-        })),
-    )
-        .into_response()
+    let mut body = json!({
+        "status": status,
+        "storage": part(storage),
+        "expiry": part(expiry),
+        "node": app.settings.node_id,
+    });
+    if let Some(cluster) = cluster {
+        body["cluster"] = part(cluster).into();
+    }
+    (code, axum::Json(body)).into_response()
 }
 
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {

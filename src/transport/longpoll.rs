@@ -170,6 +170,11 @@ impl LongPollSessions {
         self.sessions.is_empty()
     }
 
+    /// Whether the session is held by this server.
+    pub fn holds(&self, id: &str) -> bool {
+        self.sessions.contains_key(id)
+    }
+
     fn get(&self, id: &str) -> Option<Arc<LongPoll>> {
         self.sessions.get(id).map(|entry| Arc::clone(entry.value()))
     }
@@ -221,7 +226,7 @@ impl LongPollSessions {
     }
 }
 
-fn gone() -> Response {
+pub(super) fn gone() -> Response {
     (
         StatusCode::GONE,
         axum::Json(json!({"error": "SESSION_EXPIRED"})),
@@ -260,8 +265,13 @@ pub async fn open(
     if let Some(principal) = principal {
         session.bind(principal);
     }
-    // 128 random bits: the id is the only credential of the session.
-    let id = hex::encode(rand::random::<[u8; 16]>());
+    // 128 random bits: the id is the only credential of the session. In cluster mode it
+    // also names the server holding it, so any other server can send its requests here.
+    let secret = hex::encode(rand::random::<[u8; 16]>());
+    let id = match &app.cluster {
+        Some(cluster) => super::follow::session_id(cluster.directory.node(), &secret),
+        None => secret,
+    };
     tracing::info!(session = session.id, "long-poll session opened");
     app.metrics.connection_opened("longpoll");
     sessions

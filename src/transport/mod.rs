@@ -2,6 +2,7 @@
 //! and writes back what it returns.
 
 pub mod admission;
+pub mod follow;
 pub mod http;
 pub mod longpoll;
 pub mod origin;

@@ -1,0 +1,186 @@
+//! The ownership round, every [`TICK`] (and at once when an event is created here):
+//! advertise this server's address, mirror events other servers created, renew the leases
+//! of the events owned here (giving up those another server holds now), and claim and take
+//! over every event nobody holds. So every event has an owner while any server runs, and a
+//! dead owner's events are served again within [`LEASE`] + [`TICK`] + the rebuild.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::directory::{Directory, LEASE};
+use crate::core::inventory::{Holding, Inventory};
+use crate::core::EventId;
+use crate::engine::takeover::TakeoverSource;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+
+/// How often leases are renewed and unowned events looked for: a fifth of the lease, so
+/// four renewals in a row can fail before an owner loses its events.
+pub const TICK: Duration = Duration::from_secs(1);
+const _: () = assert!(TICK.as_millis() * 4 < LEASE.as_millis());
+
+pub struct Ownership {
+    pub directory: Arc<Directory>,
+    pub engine: Arc<Engine>,
+    pub inventory: Arc<Inventory>,
+    pub source: Arc<dyn TakeoverSource>,
+    pub metrics: Arc<Metrics>,
+    /// Where this server answers, for calls forwarded to it.
+    pub base_url: String,
+    /// Woken when an event is created here.
+    pub claim_now: Arc<Notify>,
+    /// Redis failures in a row, to log the first and then every 30th.
+    failures: AtomicU64,
+}
+
+impl Ownership {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        directory: Arc<Directory>,
+        engine: Arc<Engine>,
+        inventory: Arc<Inventory>,
+        source: Arc<dyn TakeoverSource>,
+        metrics: Arc<Metrics>,
+        base_url: String,
+        claim_now: Arc<Notify>,
+    ) -> Self {
+        Self {
+            directory,
+            engine,
+            inventory,
+            source,
+            metrics,
+            base_url,
+            claim_now,
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs rounds until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            self.round().await;
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = self.claim_now.notified() => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// The events owned here.
+    pub fn owned(&self) -> Vec<EventId> {
+        self.split().0
+    }
+
+    /// The known events: (owned here, mirrored).
+    fn split(&self) -> (Vec<EventId>, Vec<EventId>) {
+        let mut owned = Vec::new();
+        let mut mirrors = Vec::new();
+        for id in self.inventory.event_ids() {
+            match self.inventory.holding(id) {
+                Some(Holding::Owned { .. }) => owned.push(id),
+                Some(Holding::Mirror) => mirrors.push(id),
+                None => {}
+            }
+        }
+        (owned, mirrors)
+    }
+
+    fn redis_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed);
+        if n % 30 == 0 {
+            tracing::warn!(%error, failures = n + 1, "cluster: {what} failed (Redis); owned events are kept, fenced by their epoch");
+        }
+    }
+
+    /// One round; every step is tried even if an earlier one failed.
+    pub async fn round(&self) {
+        let mut redis_ok = true;
+        if let Err(error) = self.directory.advertise(&self.base_url).await {
+            self.redis_failed("advertising this server", &error);
+            redis_ok = false;
+        }
+        match self.engine.mirror_new_events(self.source.as_ref()).await {
+            Ok(added) if !added.is_empty() => {
+                tracing::info!(events = added.len(), "mirrored events created elsewhere");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cluster: could not read the catalog"),
+        }
+        let (owned, mirrors) = self.split();
+        match self.directory.renew(&owned).await {
+            Ok(held) => {
+                for (&event, still) in owned.iter().zip(held) {
+                    if !still {
+                        self.engine.give_up(event);
+                    }
+                }
+            }
+            // Keep serving: if another server takes an event over meanwhile, its epoch
+            // fences this one's commits off.
+            Err(error) => {
+                self.redis_failed("renewing leases", &error);
+                redis_ok = false;
+            }
+        }
+        match self.directory.owners(&mirrors).await {
+            Ok(owners) => {
+                for (&event, owner) in mirrors.iter().zip(owners) {
+                    let ours = match owner {
+                        None => match self.directory.claim(event).await {
+                            Ok(claimed) => claimed,
+                            Err(error) => {
+                                self.redis_failed("claiming an event", &error);
+                                false
+                            }
+                        },
+                        // Claimed earlier, and the takeover failed: try again.
+                        Some(node) => node == self.directory.node(),
+                    };
+                    if ours {
+                        self.take_over(event).await;
+                    }
+                }
+            }
+            Err(error) => {
+                self.redis_failed("reading owners", &error);
+                redis_ok = false;
+            }
+        }
+        if redis_ok {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        self.metrics.set_owned_events(self.owned().len());
+    }
+
+    async fn take_over(&self, event: EventId) {
+        match self.engine.take_over(event, self.source.as_ref()).await {
+            Ok(_) => self.metrics.record_takeover(),
+            // The lease stays ours until it lapses; the next round tries again.
+            Err(error) => tracing::error!(%event, %error, "cluster: takeover failed"),
+        }
+    }
+
+    /// At shutdown, after the writer has committed everything: hands the events over now
+    /// rather than after the lease.
+    pub async fn resign(&self) {
+        let owned = self.owned();
+        for &event in &owned {
+            self.engine.give_up(event);
+        }
+        match self.directory.resign(&owned).await {
+            Ok(()) => tracing::info!(
+                events = owned.len(),
+                "cluster: gave up this server's events"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "cluster: could not give the events up; they pass on when the leases lapse")
+            }
+        }
+    }
+}

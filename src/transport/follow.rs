@@ -1,0 +1,127 @@
+//! Long-poll without sticky sessions (PROTOCOL §10): in cluster mode a session's id starts
+//! with the id of the server holding it (`<node>~<secret>`), and a request for a session
+//! held elsewhere is passed to that server and its answer passed back. A session whose
+//! server is gone (no longer advertised, or not answering) answers 410, as an expired one:
+//! the client opens a new session and subscribes again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+
+use super::longpoll::{gone, LongPollSessions};
+use crate::app::App;
+
+/// The headers passed on: what the session's server checks (token, origin) and reads.
+const PASSED_ON: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    header::CONTENT_TYPE,
+    header::ORIGIN,
+    header::HOST,
+];
+
+/// How much longer than the poll timeout a passed-on GET may take.
+const MARGIN: Duration = Duration::from_secs(5);
+
+/// The id of a session held by `node`.
+pub fn session_id(node: &str, secret: &str) -> String {
+    format!("{node}~{secret}")
+}
+
+/// The server named in a session id, if any.
+fn holder(id: &str) -> Option<&str> {
+    id.split_once('~').map(|(node, _)| node)
+}
+
+/// Middleware of `/lp/{session}`: requests for sessions held here, or unknown to the
+/// cluster, go on to the handlers; others go to the server holding them.
+pub async fn follow_session(
+    State(app): State<Arc<App>>,
+    Extension(sessions): Extension<Arc<LongPollSessions>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(cluster) = &app.cluster else {
+        return next.run(request).await;
+    };
+    let id = request
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let node = match holder(&id) {
+        Some(node) if node != cluster.directory.node() && !sessions.holds(&id) => node,
+        _ => return next.run(request).await,
+    };
+    let Ok(Some(address)) = cluster.directory.address(node).await else {
+        return gone();
+    };
+    pass_on(&app, request, &address)
+        .await
+        .unwrap_or_else(|| gone())
+}
+
+/// Sends the request to the server at `address`; `None` if it does not answer.
+async fn pass_on(app: &App, request: Request, address: &str) -> Option<Response> {
+    let (parts, body) = request.into_parts();
+    let max = app.settings.max_message_bytes as usize;
+    let body = axum::body::to_bytes(body, max).await.ok()?;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let client = follower_client();
+    let mut outgoing = client
+        .request(parts.method.clone(), format!("{address}{path}"))
+        .timeout(app.settings.poll_timeout + MARGIN)
+        .body(body);
+    for name in PASSED_ON {
+        if let Some(value) = parts.headers.get(&name) {
+            outgoing = outgoing.header(name, value.clone());
+        }
+    }
+    let answer = match outgoing.send().await {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::info!(%error, "long-poll session's server did not answer: session gone");
+            return None;
+        }
+    };
+    let status = StatusCode::from_u16(answer.status().as_u16()).ok()?;
+    let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
+    let bytes = answer.bytes().await.ok()?;
+    let mut response = (status, Body::from(bytes)).into_response();
+    if let Some(content_type) = content_type {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
+    }
+    Some(response)
+}
+
+/// One client for every passed-on request, so connections to the other servers are reused.
+fn follower_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .expect("an HTTP client without TLS builds")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_id_names_its_server() {
+        let id = session_id("node-a.1", "00ff");
+        assert_eq!(holder(&id), Some("node-a.1"));
+        assert_eq!(holder("00ff"), None);
+    }
+}
