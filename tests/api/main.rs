@@ -8,6 +8,7 @@ mod abandoned;
 mod auth;
 mod catalog;
 mod cli;
+mod cluster;
 mod contract_v2;
 mod crash;
 mod durability;
