@@ -235,6 +235,7 @@ impl App {
                 })?;
                 let routed = Routed::new(
                     engine.clone(),
+                    Arc::new(store.clone()),
                     Arc::clone(directory),
                     tokens.clone(),
                     Arc::clone(&clock),

@@ -6,13 +6,25 @@ use clap::Parser;
 use ticket_api::config::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return settings_error(error),
     };
     init_tracing(cli.settings.log_format);
     raise_file_limit();
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let node = cli.settings.resolve_node_id().to_owned();
+    // Every log line names this server (PROTOCOL §9): a span entered for good on every
+    // thread that runs its tasks, beneath whatever spans the tasks enter themselves.
+    let enter_node = move || {
+        let span = tracing::info_span!("node", id = %node);
+        std::mem::forget(span.entered());
+    };
+    enter_node();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(enter_node)
+        .build()
+        .expect("tokio runtime");
     let command = cli.command.unwrap_or(Command::Serve);
     match runtime.block_on(ticket_api::cli::run(command, cli.settings)) {
         Ok(()) => ExitCode::SUCCESS,

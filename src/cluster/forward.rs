@@ -7,9 +7,16 @@
 //! Within [`DEADLINE`] a call follows the owner: no owner yet (a takeover under way), an
 //! owner that does not answer the connection (it died; its lease is lapsing), or this
 //! server becoming the owner are waited out and tried again. Sending is never repeated
-//! once the request may have reached the owner: if its answer does not come in time the
-//! call answers `UNAVAILABLE`, and a retry is harmless with an idempotency key (a
-//! `tickets.reserve` or `payments.create` without one may then have been done once).
+//! once the request may have reached the owner.
+//!
+//! A forwarded `tickets.reserve` or `payments.create` always carries an idempotency key:
+//! the client's, or one made here (`fwd-<uuid>`). So when the owner's answer does not come
+//! (it died or stalled after the request left), the database says whether the call
+//! committed: if the key is stored, the call succeeded and its stored result is the
+//! answer; if not, the answer is `UNAVAILABLE`. One case stays open: an owner that stalls
+//! *during* its commit and is not taken over meanwhile may still commit after that
+//! `UNAVAILABLE`; the reservation then holds its tickets until it expires, and nothing is
+//! counted twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +30,7 @@ use crate::auth::Tokens;
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{Clock, EventId, PaymentToken, ReservationId, ReserveItems, Role, UserId};
 use crate::engine::idempotency::{Answer, KeyedCall};
+use crate::engine::ports::Records;
 use crate::engine::{Engine, EngineError, Paid, ReservationService};
 use crate::metrics::Metrics;
 
@@ -37,6 +45,8 @@ pub const ROUTE: &str = "/cluster/rpc";
 /// The reservation service of a cluster server. See the module doc.
 pub struct Routed {
     pub engine: Arc<Engine>,
+    /// Where an unanswered forward's idempotency key is looked up.
+    pub records: Arc<dyn Records>,
     pub directory: Arc<Directory>,
     /// Signs the short-lived token a forwarded call carries for its user.
     pub tokens: Tokens,
@@ -48,13 +58,22 @@ pub struct Routed {
 /// Where one attempt ended.
 enum Attempt {
     Answered(Result<String, EngineError>),
+    /// The request may have reached the owner, and no answer came.
+    Unanswered,
     /// This server owns the event now: run the call here.
     Local,
+}
+
+/// The idempotency key a forwarded call carries, to find its outcome when unanswered.
+struct ForwardKey {
+    method: &'static str,
+    key: String,
 }
 
 impl Routed {
     pub fn new(
         engine: Arc<Engine>,
+        records: Arc<dyn Records>,
         directory: Arc<Directory>,
         tokens: Tokens,
         clock: Arc<dyn Clock>,
@@ -67,6 +86,7 @@ impl Routed {
             .expect("an HTTP client without TLS builds");
         Self {
             engine,
+            records,
             directory,
             tokens,
             clock,
@@ -82,6 +102,7 @@ impl Routed {
         user: UserId,
         method: &'static str,
         params: Value,
+        key: Option<ForwardKey>,
         mut local: F,
     ) -> Result<Answer<T>, EngineError>
     where
@@ -95,7 +116,11 @@ impl Routed {
                 other => return other,
             };
             let started = Instant::now();
-            match self.forward(event, user, method, &params, deadline).await {
+            let attempt = match self.forward(event, user, method, &params, deadline).await {
+                Attempt::Unanswered => Attempt::Answered(self.settle(user, key.as_ref()).await),
+                other => other,
+            };
+            match attempt {
                 Attempt::Answered(answer) => {
                     let outcome = match &answer {
                         Ok(_) => "ok",
@@ -109,8 +134,30 @@ impl Routed {
                 Attempt::Local if Instant::now() < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Attempt::Local => return Err(EngineError::Unavailable),
+                Attempt::Local | Attempt::Unanswered => return Err(EngineError::Unavailable),
             }
+        }
+    }
+
+    /// The outcome of a forward that got no answer, from its key in the database.
+    async fn settle(&self, user: UserId, key: Option<&ForwardKey>) -> Result<String, EngineError> {
+        let Some(key) = key else {
+            return Err(EngineError::Unavailable);
+        };
+        let stored = self
+            .records
+            .idempotency(user, key.method, &key.key, self.clock.now())
+            .await;
+        match stored {
+            Ok(Some(stored)) => {
+                tracing::info!(
+                    method = key.method,
+                    "cluster: unanswered forward had committed; answering its stored result"
+                );
+                Ok(stored.response)
+            }
+            Ok(None) => Err(EngineError::Unavailable),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -143,14 +190,13 @@ impl Routed {
                     .await;
                 match sent {
                     Ok(response) => {
-                        let answer = match response.json::<Value>().await {
-                            Ok(answer) => read_answer(answer),
+                        return match response.json::<Value>().await {
+                            Ok(answer) => Attempt::Answered(read_answer(answer)),
                             Err(error) => {
-                                tracing::warn!(%event, %error, "cluster: the owner's answer was unreadable");
-                                Err(EngineError::Unavailable)
+                                tracing::warn!(%event, %error, "cluster: the owner's answer was lost");
+                                Attempt::Unanswered
                             }
                         };
-                        return Attempt::Answered(answer);
                     }
                     // Nothing was sent: the owner is gone or not listening yet.
                     Err(error) if error.is_connect() => {
@@ -158,7 +204,7 @@ impl Routed {
                     }
                     Err(error) => {
                         tracing::warn!(%event, %error, "cluster: no answer from the event's owner");
-                        return Attempt::Answered(Err(EngineError::Unavailable));
+                        return Attempt::Unanswered;
                     }
                 }
             }
@@ -186,9 +232,15 @@ fn read_answer(mut answer: Value) -> Result<String, EngineError> {
     }
 }
 
-fn key_param<T>(key: &Option<KeyedCall<'_, T>>) -> Value {
-    key.as_ref()
-        .map_or(Value::Null, |k| Value::from(k.key.as_str()))
+/// The client's idempotency key, or a fresh one for the forward.
+fn forward_key<T>(method: &'static str, key: &Option<KeyedCall<'_, T>>) -> ForwardKey {
+    ForwardKey {
+        method,
+        key: key.as_ref().map_or_else(
+            || format!("fwd-{}", uuid::Uuid::new_v4().simple()),
+            |k| k.key.as_str().to_owned(),
+        ),
+    }
 }
 
 #[async_trait]
@@ -205,10 +257,9 @@ impl ReservationService for Routed {
                 "quantity": quantity.get(),
             })).collect::<Vec<_>>(),
         });
-        if key.is_some() {
-            params["idempotency_key"] = key_param(&key);
-        }
-        self.route(user, "tickets.reserve", params, || {
+        let forward = forward_key("tickets.reserve", &key);
+        params["idempotency_key"] = forward.key.as_str().into();
+        self.route(user, "tickets.reserve", params, Some(forward), || {
             let key = key.clone();
             let items = items.clone();
             async move { self.engine.reserve(user, items, key).await }
@@ -235,7 +286,7 @@ impl ReservationService for Routed {
         id: ReservationId,
     ) -> Result<Answer<Reservation>, EngineError> {
         let params = json!({"reservation_id": id.to_string()});
-        self.route(user, "reservations.cancel", params, || async move {
+        self.route(user, "reservations.cancel", params, None, || async move {
             self.engine.cancel(user, id).await.map(Answer::Fresh)
         })
         .await
@@ -252,10 +303,9 @@ impl ReservationService for Routed {
             "reservation_id": id.to_string(),
             "payment_token": payment_token.as_str(),
         });
-        if key.is_some() {
-            params["idempotency_key"] = key_param(&key);
-        }
-        self.route(user, "payments.create", params, || {
+        let forward = forward_key("payments.create", &key);
+        params["idempotency_key"] = forward.key.as_str().into();
+        self.route(user, "payments.create", params, Some(forward), || {
             let key = key.clone();
             async move { self.engine.pay(user, id, payment_token, key).await }
         })

@@ -14,6 +14,7 @@ mod crash;
 mod durability;
 mod expiry;
 mod faults;
+mod fencing;
 mod hostile;
 mod jsonrpc;
 mod limits;
