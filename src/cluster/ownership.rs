@@ -93,7 +93,7 @@ impl Ownership {
 
     fn redis_failed(&self, what: &str, error: &dyn std::fmt::Display) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed);
-        if n % 30 == 0 {
+        if n.is_multiple_of(30) {
             tracing::warn!(%error, failures = n + 1, "cluster: {what} failed (Redis); owned events are kept, fenced by their epoch");
         }
     }

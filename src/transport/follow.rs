@@ -65,7 +65,7 @@ pub async fn follow_session(
     };
     pass_on(&app, request, &address)
         .await
-        .unwrap_or_else(|| gone())
+        .unwrap_or_else(gone)
 }
 
 /// Sends the request to the server at `address`; `None` if it does not answer.
