@@ -116,7 +116,14 @@ impl Routed {
                 other => return other,
             };
             let started = Instant::now();
-            let attempt = match self.forward(event, user, method, &params, deadline).await {
+            // Redis or the owner may hang rather than fail: the deadline holds regardless.
+            let forwarded = tokio::time::timeout_at(
+                deadline,
+                self.forward(event, user, method, &params, deadline),
+            )
+            .await
+            .unwrap_or(Attempt::Unanswered);
+            let attempt = match forwarded {
                 Attempt::Unanswered => Attempt::Answered(self.settle(user, key.as_ref()).await),
                 other => other,
             };

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use super::idempotency::{params_hash, Answer, KeyedCall};
 use super::payments::{PaymentAdapter, PaymentError};
 use super::ports::{Commits, Records, RecoverySource};
+use super::takeover::TakeoverSource;
 use super::{Engine, EngineError, EngineParts};
 use crate::core::inventory::first_version;
 use crate::core::inventory::{Inventory, PoolState};
@@ -56,6 +57,8 @@ struct Database {
     events: Mutex<Vec<Event>>,
     epochs: Mutex<HashMap<EventId, u64>>,
     committed: Mutex<Vec<Change>>,
+    /// The fence each commit came with, in order.
+    fences: Mutex<Vec<Option<Fence>>>,
     reservations: Mutex<HashMap<ReservationId, Reservation>>,
     keys: Mutex<HashMap<(UserId, String, String), StoredIdempotency>>,
 }
@@ -67,6 +70,7 @@ impl Database {
             events: Mutex::default(),
             epochs: Mutex::default(),
             committed: Mutex::default(),
+            fences: Mutex::default(),
             reservations: Mutex::default(),
             keys: Mutex::default(),
         })
@@ -87,8 +91,15 @@ impl Commits for Database {
         &self,
         change: Change,
         idempotency: Option<IdempotencyRecord>,
-        _: Option<Fence>,
+        fence: Option<Fence>,
     ) -> Result<(), WriteError> {
+        self.fences.lock().unwrap().push(fence);
+        if let Some(fence) = fence {
+            let stored = self.epochs.lock().unwrap().get(&fence.event_id).copied();
+            if stored.unwrap_or(0) != fence.epoch {
+                return Err(WriteError::Failed("fenced off".into()));
+            }
+        }
         match *self.outcome.lock().unwrap() {
             Outcome::Commit => {}
             Outcome::Fail => return Err(WriteError::Failed("connection reset".into())),
@@ -161,6 +172,28 @@ impl Records for Database {
 }
 
 /// Recovery reads what the fake database holds, as the SQL of `store` does.
+#[async_trait]
+impl TakeoverSource for Database {
+    async fn take_over_event(&self, id: EventId) -> Result<u64, StoreError> {
+        let mut epochs = self.epochs.lock().unwrap();
+        let epoch = epochs.entry(id).or_default();
+        *epoch += 1;
+        Ok(*epoch)
+    }
+    async fn event_epochs(&self) -> Result<HashMap<EventId, u64>, StoreError> {
+        Ok(self.epochs.lock().unwrap().clone())
+    }
+    async fn load_events(&self) -> Result<Vec<Event>, StoreError> {
+        Ok(self.events.lock().unwrap().clone())
+    }
+    async fn held_of_event(&self, _: EventId) -> Result<HashMap<TicketTypeId, u64>, StoreError> {
+        RecoverySource::held_per_ticket_type(self).await
+    }
+    async fn pending_of_event(&self, _: EventId) -> Result<Vec<Reservation>, StoreError> {
+        RecoverySource::pending_reservations(self).await
+    }
+}
+
 #[async_trait]
 impl RecoverySource for Database {
     async fn take_over_events(&self) -> Result<HashMap<EventId, u64>, StoreError> {
@@ -256,6 +289,11 @@ struct Setup {
 
 /// One event with one ticket type of `capacity` tickets.
 fn setup(capacity: u32) -> Setup {
+    setup_with(capacity, false)
+}
+
+/// [`setup`], with commits fenced (cluster mode) or not.
+fn setup_with(capacity: u32, fenced: bool) -> Setup {
     let event_id = EventId::new();
     let ticket_type = TicketTypeId::new();
     let inventory = Arc::new(Inventory::new());
@@ -293,7 +331,7 @@ fn setup(capacity: u32) -> Setup {
         notifier: announced.clone(),
         clock: clock.clone(),
         ttl: TTL,
-        fenced: false,
+        fenced,
     }));
     Setup {
         engine,
@@ -1071,5 +1109,93 @@ mod on_tokio_time {
         assert_eq!(t.releases(), vec![(reservation.id, Status::Expired, at)]);
         assert_eq!(t.available(), 10);
         t.stop().await;
+    }
+}
+
+/// Cluster mode: the engine sells an event only while it owns it, and every commit carries
+/// the epoch it took the event over in.
+mod in_a_cluster {
+    use super::*;
+
+    fn fences(s: &Setup) -> Vec<Option<u64>> {
+        let fences = s.database.fences.lock().unwrap();
+        fences.iter().map(|f| f.map(|f| f.epoch)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_event_sells_behind_its_epoch_until_another_server_takes_it() {
+        let s = setup_with(10, true);
+        s.engine.give_up(s.event_id);
+        let user = UserId::new();
+        assert!(
+            matches!(s.reserve(user, 1).await, Err(EngineError::NotOwner(e)) if e == s.event_id)
+        );
+
+        assert_eq!(
+            s.engine
+                .take_over(s.event_id, s.database.as_ref())
+                .await
+                .unwrap(),
+            1
+        );
+        let kept = s.reserve(user, 3).await.unwrap();
+        assert_eq!(fences(&s), vec![Some(1)]);
+        assert_eq!(s.available(), 7);
+
+        // Another server takes the event over: this one's next commit is refused, and
+        // what it took in memory is given back.
+        s.database.epochs.lock().unwrap().insert(s.event_id, 2);
+        assert!(matches!(
+            s.reserve(user, 2).await,
+            Err(EngineError::Unavailable)
+        ));
+        assert_eq!(s.available(), 7);
+        assert_eq!(fences(&s), vec![Some(1), Some(1)]);
+
+        // Given up: the pending reservation is the new owner's; calls on it go there.
+        s.engine.give_up(s.event_id);
+        assert!(matches!(
+            s.engine.cancel(user, kept.id).await,
+            Err(EngineError::NotOwner(e)) if e == s.event_id
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_takeover_rebuilds_availability_and_puts_pending_reservations_under_expiry() {
+        let s = setup_with(10, true);
+        s.engine
+            .take_over(s.event_id, s.database.as_ref())
+            .await
+            .unwrap();
+        let user = UserId::new();
+        let kept = s.reserve(user, 4).await.unwrap();
+        s.engine.give_up(s.event_id);
+        s.expiry.0.lock().unwrap().clear();
+
+        assert_eq!(
+            s.engine
+                .take_over(s.event_id, s.database.as_ref())
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(s.available(), 6);
+        assert_eq!(
+            s.expiry.0.lock().unwrap().get(&kept.id),
+            Some(&kept.expires_at)
+        );
+        let pools = s.inventory.pools(s.event_id).unwrap();
+        assert_eq!(pools[0].version, first_version(2));
+        let cancelled = s.engine.cancel(user, kept.id).await.unwrap();
+        assert_eq!(cancelled.status, Status::Cancelled);
+        assert_eq!(s.available(), 10);
+        assert_eq!(fences(&s), vec![Some(1), Some(2)]);
+    }
+
+    #[tokio::test]
+    async fn outside_a_cluster_commits_carry_no_fence() {
+        let s = setup(10);
+        s.reserve(UserId::new(), 1).await.unwrap();
+        assert_eq!(fences(&s), vec![None]);
     }
 }

@@ -63,9 +63,7 @@ pub async fn follow_session(
     let Ok(Some(address)) = cluster.directory.address(node).await else {
         return gone();
     };
-    pass_on(&app, request, &address)
-        .await
-        .unwrap_or_else(gone)
+    pass_on(&app, request, &address).await.unwrap_or_else(gone)
 }
 
 /// Sends the request to the server at `address`; `None` if it does not answer.

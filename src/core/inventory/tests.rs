@@ -1649,3 +1649,132 @@ proptest! {
         }
     }
 }
+
+// Tenure (cluster mode): owned events sell, mirrors only follow their owner's reports.
+
+/// A mirror of a one-type event of `capacity` at `version`.
+fn mirror_with(capacity: u32, version: u64) -> (Inventory, Event) {
+    let inventory = Inventory::new();
+    let event = event_starting(at(0), &[(capacity, Rule::Any, 10)]);
+    assert!(inventory.insert_mirror(event.clone(), &[capacity], version));
+    (inventory, event)
+}
+
+#[test]
+fn a_mirror_refuses_to_sell_and_has_no_epoch() {
+    let (inventory, event) = mirror_with(10, 0);
+    let tt = ids(&event)[0];
+    assert_eq!(inventory.holding(event.id), Some(Holding::Mirror));
+    assert_eq!(inventory.epoch(event.id), None);
+    assert_eq!(
+        inventory.reserve(request(UserId::new(), &[(tt, 1)], at(0))),
+        Err(ReserveError::NotOwned { event_id: event.id })
+    );
+    assert_eq!(inventory.pools(event.id).unwrap(), vec![pool(tt, 10, 0)]);
+}
+
+#[test]
+fn an_event_inserted_at_an_epoch_is_owned_in_it() {
+    let inventory = Inventory::new();
+    let event = event_starting(at(0), &[(10, Rule::Any, 10)]);
+    assert!(inventory.insert_event_at(event.clone(), &[10], first_version(3)));
+    assert_eq!(
+        inventory.holding(event.id),
+        Some(Holding::Owned { epoch: 3 })
+    );
+    assert_eq!(inventory.epoch(event.id), Some(3));
+}
+
+#[test]
+fn a_mirror_applies_only_newer_versions_of_its_owners_reports() {
+    let (inventory, event) = mirror_with(10, first_version(1));
+    let tt = ids(&event)[0];
+    let v = first_version(1);
+    assert_eq!(
+        inventory.mirror_pools(event.id, &[pool(tt, 7, v + 3)]),
+        vec![pool(tt, 7, v + 3)]
+    );
+    // Older and equal versions arrive late (pub/sub, coalescing): ignored.
+    assert!(inventory
+        .mirror_pools(event.id, &[pool(tt, 9, v + 1)])
+        .is_empty());
+    assert!(inventory
+        .mirror_pools(event.id, &[pool(tt, 9, v + 3)])
+        .is_empty());
+    // A report never shows more than the capacity, and unknown ticket types are skipped.
+    assert_eq!(
+        inventory.mirror_pools(
+            event.id,
+            &[pool(tt, 99, v + 4), pool(TicketTypeId::new(), 1, v + 9)]
+        ),
+        vec![pool(tt, 10, v + 4)]
+    );
+    assert_eq!(
+        inventory.pools(event.id).unwrap(),
+        vec![pool(tt, 10, v + 4)]
+    );
+}
+
+#[test]
+fn an_owned_event_ignores_reports_of_other_servers() {
+    let (inventory, event) = inventory_with(&[(10, Rule::Any, 10)]);
+    let tt = ids(&event)[0];
+    assert!(inventory
+        .mirror_pools(event.id, &[pool(tt, 1, 100)])
+        .is_empty());
+    assert_eq!(inventory.pools(event.id).unwrap(), vec![pool(tt, 10, 0)]);
+}
+
+#[test]
+fn taking_over_rebuilds_the_book_with_versions_from_the_new_epoch() {
+    let (inventory, event) = mirror_with(10, first_version(1) + 5);
+    let tt = ids(&event)[0];
+    let forgotten = inventory.take_over(event.id, &[6], 2).unwrap();
+    assert!(forgotten.is_empty());
+    assert_eq!(inventory.epoch(event.id), Some(2));
+    assert_eq!(
+        inventory.pools(event.id).unwrap(),
+        vec![pool(tt, 6, first_version(2))]
+    );
+    // It sells now, from the rebuilt availability.
+    let taken = reserve(&inventory, UserId::new(), &[(tt, 6)]);
+    assert_eq!(taken.items[0].quantity, 6);
+    assert_eq!(
+        inventory.pools(event.id).unwrap(),
+        vec![pool(tt, 0, first_version(2) + 1)]
+    );
+}
+
+#[test]
+fn giving_an_event_up_forgets_its_active_reservations_and_stops_selling() {
+    let (inventory, event) = inventory_with(&[(10, Rule::Any, 10)]);
+    let tt = ids(&event)[0];
+    let held = reserve(&inventory, UserId::new(), &[(tt, 4)]);
+    assert_eq!(inventory.mirror_event(event.id), Some(vec![held.id]));
+    assert_eq!(inventory.active(held.id), None);
+    assert!(inventory.overdue(at(i64::MAX / 2)).is_empty());
+    assert!(matches!(
+        inventory.reserve(request(UserId::new(), &[(tt, 1)], at(0))),
+        Err(ReserveError::NotOwned { .. })
+    ));
+    // Taken over again later: what was active before is not resurrected.
+    assert_eq!(inventory.take_over(event.id, &[6], 7), Some(Vec::new()));
+    assert_eq!(inventory.active(held.id), None);
+}
+
+#[test]
+fn versions_never_go_back_across_mirroring_and_takeovers() {
+    let (inventory, event) = mirror_with(10, first_version(1));
+    let tt = ids(&event)[0];
+    let mut seen = vec![inventory.pools(event.id).unwrap()[0].version];
+    inventory.mirror_pools(event.id, &[pool(tt, 9, first_version(1) + 1)]);
+    seen.push(inventory.pools(event.id).unwrap()[0].version);
+    inventory.take_over(event.id, &[9], 2);
+    seen.push(inventory.pools(event.id).unwrap()[0].version);
+    reserve(&inventory, UserId::new(), &[(tt, 1)]);
+    seen.push(inventory.pools(event.id).unwrap()[0].version);
+    inventory.mirror_event(event.id);
+    inventory.mirror_pools(event.id, &[pool(tt, 5, first_version(3) + 2)]);
+    seen.push(inventory.pools(event.id).unwrap()[0].version);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+}
