@@ -12,6 +12,19 @@ use crate::core::{
     Currency, EventId, Money, PaymentId, ReservationId, TicketTypeId, Timestamp, UserId,
 };
 
+/// `(ticket_type_id, held)` rows as a map.
+pub(super) fn held_per_type(rows: &[AnyRow]) -> Result<HashMap<TicketTypeId, u64>, StoreError> {
+    rows.iter()
+        .map(|row| {
+            let held: i64 = row.try_get("held")?;
+            Ok((
+                id_column(row, "reservation_items", "ticket_type_id")?,
+                held.max(0) as u64,
+            ))
+        })
+        .collect()
+}
+
 /// One durable change of the reservation lifecycle.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -88,15 +101,7 @@ impl Store {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|row| {
-                let held: i64 = row.try_get("held")?;
-                Ok((
-                    id_column(row, "reservation_items", "ticket_type_id")?,
-                    held.max(0) as u64,
-                ))
-            })
-            .collect()
+        held_per_type(&rows)
     }
 
     /// Every pending reservation, for recovery.

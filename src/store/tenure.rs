@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::reservations::SELECT_RESERVATIONS;
+use super::reservations::{held_per_type, SELECT_RESERVATIONS};
 use super::{id_column, Store, StoreError};
 use crate::core::reservation::Reservation;
 use crate::core::{EventId, TicketTypeId};
@@ -52,15 +52,7 @@ impl Store {
         .bind(id.to_string())
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|row| {
-                let held: i64 = row.try_get("held")?;
-                Ok((
-                    id_column(row, "reservation_items", "ticket_type_id")?,
-                    held.max(0) as u64,
-                ))
-            })
-            .collect()
+        held_per_type(&rows)
     }
 
     /// One event's pending reservations, oldest first.

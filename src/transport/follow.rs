@@ -14,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
-use super::longpoll::{gone, LongPollSessions};
+use super::longpoll::{gone, session_holder, LongPollSessions};
 use crate::app::App;
 
 /// The headers passed on: what the session's server checks (token, origin) and reads.
@@ -27,16 +27,6 @@ const PASSED_ON: [HeaderName; 4] = [
 
 /// How much longer than the poll timeout a passed-on GET may take.
 const MARGIN: Duration = Duration::from_secs(5);
-
-/// The id of a session held by `node`.
-pub fn session_id(node: &str, secret: &str) -> String {
-    format!("{node}~{secret}")
-}
-
-/// The server named in a session id, if any.
-fn holder(id: &str) -> Option<&str> {
-    id.split_once('~').map(|(node, _)| node)
-}
 
 /// Middleware of `/lp/{session}`: requests for sessions held here, or unknown to the
 /// cluster, go on to the handlers; others go to the server holding them.
@@ -56,7 +46,7 @@ pub async fn follow_session(
         .next()
         .unwrap_or_default()
         .to_owned();
-    let node = match holder(&id) {
+    let node = match session_holder(&id) {
         Some(node) if node != cluster.directory.node() && !sessions.holds(&id) => node,
         _ => return next.run(request).await,
     };
@@ -110,16 +100,4 @@ fn follower_client() -> &'static reqwest::Client {
             .build()
             .expect("an HTTP client without TLS builds")
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_session_id_names_its_server() {
-        let id = session_id("node-a.1", "00ff");
-        assert_eq!(holder(&id), Some("node-a.1"));
-        assert_eq!(holder("00ff"), None);
-    }
 }

@@ -35,6 +35,11 @@ const NOTIFICATION_CAPACITY: usize = 1_024;
 /// How often idle sessions are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// The server named in a session id (`<node>~<secret>` in cluster mode), if any.
+pub(super) fn session_holder(id: &str) -> Option<&str> {
+    id.split_once('~').map(|(node, _)| node)
+}
+
 /// One long-poll session.
 struct LongPoll {
     session: Arc<Session>,
@@ -269,7 +274,7 @@ pub async fn open(
     // also names the server holding it, so any other server can send its requests here.
     let secret = hex::encode(rand::random::<[u8; 16]>());
     let id = match &app.cluster {
-        Some(cluster) => super::follow::session_id(cluster.directory.node(), &secret),
+        Some(cluster) => format!("{}~{secret}", cluster.directory.node()),
         None => secret,
     };
     tracing::info!(session = session.id, "long-poll session opened");
@@ -385,6 +390,12 @@ pub async fn close(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_session_id_names_its_server() {
+        assert_eq!(session_holder("node-a.1~00ff"), Some("node-a.1"));
+        assert_eq!(session_holder("00ff"), None);
+    }
 
     #[test]
     fn the_poll_body_splices_messages_in_as_json() {
