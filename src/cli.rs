@@ -179,18 +179,21 @@ pub fn parse_import(bytes: &[u8]) -> Result<Vec<EventDraft>, String> {
 async fn import_events(settings: Settings, file: &std::path::Path) -> Result<(), CommandError> {
     let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let drafts = parse_import(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
-    // Importing starts the engine (recovery, expiry) over the database: never behind a
-    // running server's back, whose inventory would not see the new events.
+    // Never behind the back of a running server outside cluster mode: its inventory would
+    // not see the new events. Cluster servers pick them up from the database.
     let _database = take_database(&settings).await?;
-    let app = App::start(Settings {
-        demo: false,
-        ..settings
-    })
-    .await?;
+    let store = Store::connect(&settings.database()).await?;
+    store.migrate().await?;
+    let catalog = crate::catalog::Catalog::new(
+        Arc::new(store.clone()),
+        Arc::new(crate::core::Inventory::new()),
+        Arc::new(crate::core::SystemClock),
+    );
     for draft in &drafts {
-        let event = app.catalog.create_event(draft).await?;
+        let event = catalog.create_event(draft).await?;
         println!("created event {} ({})", event.name, event.id);
     }
+    store.close().await;
     Ok(())
 }
 

@@ -1702,3 +1702,74 @@ async fn cluster_mode_without_postgres_or_without_redis_exits_with_code_2() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. Events imported from a file beside running cluster servers
+// ---------------------------------------------------------------------------------------
+
+async fn imported_events_reach_every_server(cluster: &mut Cluster) {
+    let file = cluster.dir.path().join("import.json");
+    let params = event_with_types("Imported", &[(5, json!({"kind": "any"}))]);
+    std::fs::write(&file, json!([params]).to_string()).unwrap();
+    let mut import = cluster.command();
+    import
+        .args(["events", "import", &file.display().to_string()])
+        .args(clustered(cluster, "importer"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = tokio::time::timeout(Duration::from_secs(30), import.output())
+        .await
+        .expect("events import finished within 30 s")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "events import beside cluster servers: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Every server lists it within VISIBLE_WITHIN, and it can be sold through any of them.
+    let mut tt = Value::Null;
+    for index in cluster.running() {
+        let node = cluster.node(index);
+        tt = poll_until(
+            VISIBLE_WITHIN,
+            &format!("the imported event on {}", cluster.nodes[index].id),
+            || async {
+                let listed = node.ok(None, "events.list", json!({})).await;
+                listed["events"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["name"] == "Imported")
+                    .map(|e| e["ticket_types"][0]["id"].clone())
+            },
+        )
+        .await;
+    }
+    let tokens = cluster.customers(3).await;
+    for (index, token) in cluster.running().into_iter().zip(&tokens) {
+        let node = cluster.node(index);
+        let (response, _) = until_not_unavailable(
+            &node,
+            token,
+            "tickets.reserve",
+            reserve(&tt, 1),
+            TAKEOVER,
+            &mut Ledger::default(),
+        )
+        .await;
+        assert!(
+            response["error"].is_null(),
+            "reserve through {index}: {response}"
+        );
+    }
+}
+
+/// `events import` with `--cluster` runs beside cluster servers (a plain one would be
+/// refused), and the events it creates are listed and sold by every server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_imported_beside_cluster_servers_are_served_by_every_server() {
+    with_cluster(3, Duration::from_secs(600), |c| {
+        Box::pin(imported_events_reach_every_server(c))
+    })
+    .await;
+}
