@@ -362,6 +362,7 @@ impl App {
             directory.node().to_owned(),
             Arc::clone(&self.inventory),
             Arc::clone(&self.fanout),
+            Arc::clone(&cluster.ownership.claim_now),
             self.stop_background.clone(),
         ));
         // The first round before any call: this server claims what nobody holds.

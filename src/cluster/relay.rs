@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use fred::prelude::{Client, ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::inventory::{Inventory, PoolState};
@@ -168,13 +168,15 @@ impl RelayTasks {
 }
 
 /// Listens to the other servers' changes until `stop`, subscribing again after every
-/// reconnection.
+/// reconnection. A change of an event not known here (created on another server a moment
+/// ago) wakes `unknown_event`, the ownership round, which reads the new events.
 pub async fn listen(
     subscriber: Client,
     prefix: String,
     node: String,
     inventory: Arc<Inventory>,
     fanout: Arc<FanOut>,
+    unknown_event: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let pools_channel = format!("{prefix}pools");
@@ -206,7 +208,9 @@ pub async fn listen(
                 Ok(message) => {
                     let Some(text) = message.value.as_str() else { continue };
                     if *message.channel == *pools_channel {
-                        apply_pools(&text, &node, &inventory, &fanout);
+                        if !apply_pools(&text, &node, &inventory, &fanout) {
+                            unknown_event.notify_one();
+                        }
                     } else if *message.channel == *users_channel {
                         deliver_user(&text, &node, &fanout);
                     }
@@ -223,17 +227,21 @@ pub async fn listen(
     let _ = tokio::time::timeout(Duration::from_secs(2), subscriber.quit()).await;
 }
 
-fn apply_pools(text: &str, node: &str, inventory: &Inventory, fanout: &FanOut) {
+/// Applies another server's pool message to the mirror; `false` if its event is unknown here.
+fn apply_pools(text: &str, node: &str, inventory: &Inventory, fanout: &FanOut) -> bool {
     let Ok(message) = serde_json::from_str::<PoolsMessage>(text) else {
         tracing::warn!("cluster: malformed pool message ignored");
-        return;
+        return true;
+    };
+    let Ok(event) = message.event.parse::<EventId>() else {
+        return true;
     };
     if message.node == node {
-        return;
+        return true;
     }
-    let Ok(event) = message.event.parse::<EventId>() else {
-        return;
-    };
+    if inventory.holding(event).is_none() {
+        return false;
+    }
     let reported: Vec<PoolState> = message
         .pools
         .into_iter()
@@ -249,6 +257,7 @@ fn apply_pools(text: &str, node: &str, inventory: &Inventory, fanout: &FanOut) {
     if !changed.is_empty() {
         fanout.pools_changed(event, &changed);
     }
+    true
 }
 
 fn deliver_user(text: &str, node: &str, fanout: &FanOut) {
