@@ -53,8 +53,8 @@ pub use tenure::{first_version, Holding};
 pub struct PoolState {
     pub ticket_type_id: TicketTypeId,
     pub available: u32,
-    /// Grows by exactly one at every change of `available`; starts at 0 when the event is
-    /// inserted.
+    /// Grows by exactly one at every change of `available`; starts at the event's first
+    /// version when it is inserted or taken over ([`first_version`] of its epoch).
     pub version: u64,
 }
 
@@ -284,8 +284,23 @@ impl Inventory {
     }
 
     /// [`insert_event`](Self::insert_event) with every version starting at `first_version`,
-    /// so that versions seen before a restart are never seen again after it.
+    /// so that versions seen before a restart are never seen again after it; owned in the
+    /// epoch that version begins ([`first_version`]).
     pub fn insert_event_at(&self, event: Event, available: &[u32], first_version: u64) -> bool {
+        let holding = Holding::Owned {
+            epoch: first_version >> 32,
+        };
+        self.insert_held(event, available, first_version, holding)
+    }
+
+    /// Adds an event held as `holding` from the first instant it can be found.
+    fn insert_held(
+        &self,
+        event: Event,
+        available: &[u32],
+        first_version: u64,
+        holding: Holding,
+    ) -> bool {
         assert_eq!(
             available.len(),
             event.ticket_types.len(),
@@ -318,9 +333,7 @@ impl Inventory {
                     })
                     .collect(),
                 active: HashMap::new(),
-                holding: Holding::Owned {
-                    epoch: first_version >> 32,
-                },
+                holding,
             }),
             event: Arc::new(event),
         });

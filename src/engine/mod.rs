@@ -26,7 +26,7 @@ use crate::expiry::sweeper::Releases;
 use crate::expiry::Expiry;
 use crate::fanout::notify::Notifier;
 use crate::store::writer::WriteError;
-use crate::store::{Change, Fence, PaymentRecord, StoreError};
+use crate::store::{Change, Fence, IdempotencyRecord, PaymentRecord, StoreError};
 use idempotency::{Answer, IdempotencyKeys, KeyedCall};
 use payments::{PaymentAdapter, PaymentError};
 use ports::{Commits, Records};
@@ -220,17 +220,33 @@ impl Engine {
         }
     }
 
-    /// The fence a change of `event_id` commits behind: none outside cluster mode (one
-    /// server per database); in it, the epoch in which this server owns the event, and
-    /// `NotOwner` once it no longer does.
-    fn fence(&self, event_id: EventId) -> Result<Option<Fence>, EngineError> {
-        if !self.fenced {
-            return Ok(None);
+    /// Commits a change of reservation `id` of `event_id`. In cluster mode it goes behind
+    /// the fence of the epoch the event is owned in here, read under the event's lock
+    /// while the reservation is active (and, when `in_flight`, still being paid or released
+    /// by this very call); if the event was given up meanwhile, nothing is sent. A commit
+    /// the database fences off means another server has taken the event over: it is given
+    /// up here at once, so the calls after it go to the new owner.
+    async fn commit(
+        &self,
+        change: Change,
+        record: Option<IdempotencyRecord>,
+        id: ReservationId,
+        event_id: EventId,
+        in_flight: bool,
+    ) -> Result<(), WriteError> {
+        let fence = if self.fenced {
+            match self.inventory.epoch_for(id, in_flight) {
+                Some(epoch) => Some(Fence { event_id, epoch }),
+                None => return Err(WriteError::Fenced),
+            }
+        } else {
+            None
+        };
+        let committed = self.writer.commit(change, record, fence).await;
+        if committed == Err(WriteError::Fenced) {
+            self.give_up(event_id);
         }
-        match self.inventory.epoch(event_id) {
-            Some(epoch) => Ok(Some(Fence { event_id, epoch })),
-            None => Err(EngineError::NotOwner(event_id)),
-        }
+        committed
     }
 
     pub fn expiry(&self) -> &Arc<dyn Expiry> {
@@ -272,14 +288,10 @@ impl Engine {
         })?;
         let reservation = reserved.reservation;
         let record = key.record(&reservation, self.clock.now());
-        let committed = match self.fence(reservation.event_id) {
-            Ok(fence) => {
-                self.writer
-                    .commit(Change::Reserve(reservation.clone()), record, fence)
-                    .await
-            }
-            Err(_) => Err(WriteError::Fenced),
-        };
+        let change = Change::Reserve(reservation.clone());
+        let committed = self
+            .commit(change, record, reservation.id, reservation.event_id, false)
+            .await;
         if let Err(error) = committed {
             tracing::warn!(reservation = %reservation.id, %error, "reserve not committed; tickets returned");
             if let Some(pools) = self.inventory.unreserve(reservation.id) {
@@ -319,10 +331,7 @@ impl Engine {
             .inventory
             .begin_release(id, ReleaseKind::Cancel, Some(user), self.clock.now())
         {
-            Ok(reservation) => {
-                self.finish_release(id, reservation.event_id, Status::Cancelled)
-                    .await
-            }
+            Ok(snapshot) => self.finish_release(snapshot, Status::Cancelled).await,
             Err(error) => Err(self.refusal(user, id, error).await),
         }
     }
@@ -334,10 +343,8 @@ impl Engine {
             .inventory
             .begin_release(id, ReleaseKind::Expire, None, self.clock.now())
         {
-            Ok(reservation) => {
-                let released = self
-                    .finish_release(id, reservation.event_id, Status::Expired)
-                    .await;
+            Ok(snapshot) => {
+                let released = self.finish_release(snapshot, Status::Expired).await;
                 if let Err(error) = released {
                     tracing::warn!(reservation = %id, %error, "expiry not committed; the sweeper retries");
                 }
@@ -357,33 +364,38 @@ impl Engine {
         self.inventory.overdue(self.clock.now())
     }
 
-    /// Commits a release begun in the inventory and completes or undoes it.
+    /// Commits a release begun in the inventory (`snapshot` is the reservation as it began)
+    /// and completes or undoes it.
     async fn finish_release(
         &self,
-        id: ReservationId,
-        event_id: EventId,
+        snapshot: Reservation,
         status: Status,
     ) -> Result<Reservation, EngineError> {
+        let id = snapshot.id;
         let change = Change::Release {
             id,
             status,
             at: self.clock.now(),
         };
-        let committed = match self.fence(event_id) {
-            Ok(fence) => self.writer.commit(change, None, fence).await,
-            Err(_) => Err(WriteError::Fenced),
-        };
+        let committed = self.commit(change, None, id, snapshot.event_id, true).await;
         if let Err(error) = committed {
             tracing::warn!(reservation = %id, %error, "release not committed; still pending");
             self.inventory.abort_release(id);
             return Err(EngineError::Unavailable);
         }
-        let (reservation, pools) = self
-            .inventory
-            .complete_release(id)
-            .ok_or_else(|| EngineError::Internal(format!("release of {id} vanished")))?;
+        let reservation = match self.inventory.complete_release(id) {
+            Some((reservation, pools)) => {
+                self.notifier.pools_changed(reservation.event_id, &pools);
+                reservation
+            }
+            // Committed, and the event given up meanwhile (cluster mode): its new owner
+            // rebuilt it from the database, this release included.
+            None => {
+                tracing::warn!(reservation = %id, "release committed after the event was given up");
+                Reservation { status, ..snapshot }
+            }
+        };
         self.expiry.cancel(id);
-        self.notifier.pools_changed(reservation.event_id, &pools);
         self.notifier.reservation_updated(&reservation);
         tracing::info!(reservation = %id, status = status.as_str(), "reservation released");
         Ok(reservation)
@@ -436,21 +448,18 @@ impl Engine {
             },
         };
         let record = key.record(&paid, self.clock.now());
-        let committed = match self.fence(reservation_event) {
-            Ok(fence) => {
-                self.writer
-                    .commit(Change::Pay(payment), record, fence)
-                    .await
-            }
-            Err(_) => Err(WriteError::Fenced),
-        };
+        let committed = self
+            .commit(Change::Pay(payment), record, id, reservation_event, true)
+            .await;
         if let Err(error) = committed {
             // The provider took the money but it is not recorded: an operator must refund.
             tracing::error!(reservation = %id, %error, "payment succeeded but was not committed: refund needed");
             self.payment_failed(id).await;
             return Err(EngineError::Unavailable);
         }
-        self.inventory.complete_payment(id);
+        if self.inventory.complete_payment(id).is_none() {
+            tracing::warn!(reservation = %id, "payment committed after the event was given up");
+        }
         self.expiry.cancel(id);
         self.notifier.reservation_updated(&paid.reservation);
         tracing::info!(reservation = %id, "reservation paid");

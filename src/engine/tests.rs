@@ -14,7 +14,7 @@ use super::payments::{PaymentAdapter, PaymentError};
 use super::ports::{Commits, Records, RecoverySource};
 use super::takeover::TakeoverSource;
 use super::{Engine, EngineError, EngineParts};
-use crate::core::inventory::first_version;
+use crate::core::inventory::{first_version, Holding};
 use crate::core::inventory::{Inventory, PoolState};
 use crate::core::reservation::{Reservation, Status};
 use crate::core::{
@@ -97,7 +97,7 @@ impl Commits for Database {
         if let Some(fence) = fence {
             let stored = self.epochs.lock().unwrap().get(&fence.event_id).copied();
             if stored.unwrap_or(0) != fence.epoch {
-                return Err(WriteError::Failed("fenced off".into()));
+                return Err(WriteError::Fenced);
             }
         }
         match *self.outcome.lock().unwrap() {
@@ -1142,18 +1142,17 @@ mod in_a_cluster {
         assert_eq!(fences(&s), vec![Some(1)]);
         assert_eq!(s.available(), 7);
 
-        // Another server takes the event over: this one's next commit is refused, and
-        // what it took in memory is given back.
+        // Another server takes the event over: this one's next commit is refused and the
+        // event is given up at once (its availability is the new owner's to report).
         s.database.epochs.lock().unwrap().insert(s.event_id, 2);
         assert!(matches!(
             s.reserve(user, 2).await,
             Err(EngineError::Unavailable)
         ));
-        assert_eq!(s.available(), 7);
         assert_eq!(fences(&s), vec![Some(1), Some(1)]);
+        assert_eq!(s.inventory.holding(s.event_id), Some(Holding::Mirror));
 
-        // Given up: the pending reservation is the new owner's; calls on it go there.
-        s.engine.give_up(s.event_id);
+        // The pending reservation is the new owner's; calls on it go there.
         assert!(matches!(
             s.engine.cancel(user, kept.id).await,
             Err(EngineError::NotOwner(e)) if e == s.event_id
@@ -1190,6 +1189,39 @@ mod in_a_cluster {
         assert_eq!(cancelled.status, Status::Cancelled);
         assert_eq!(s.available(), 10);
         assert_eq!(fences(&s), vec![Some(1), Some(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_payment_begun_before_the_event_was_given_up_and_taken_back_is_not_committed() {
+        let s = setup_with(10, true);
+        s.engine
+            .take_over(s.event_id, s.database.as_ref())
+            .await
+            .unwrap();
+        let user = UserId::new();
+        let kept = s.reserve(user, 2).await.unwrap();
+        *s.payments.result.lock().unwrap() = Ok(());
+        let engine = Arc::clone(&s.engine);
+        let token = PaymentToken::parse("tok_ok".into()).unwrap();
+        let paying = tokio::spawn(async move { engine.pay(user, kept.id, &token, None).await });
+        s.payments.started.notified().await;
+        // While the provider is asked, the lease lapses and the event is taken back.
+        s.engine.give_up(s.event_id);
+        s.engine
+            .take_over(s.event_id, s.database.as_ref())
+            .await
+            .unwrap();
+        s.payments.answer.notify_one();
+        assert!(matches!(
+            paying.await.unwrap(),
+            Err(EngineError::Unavailable)
+        ));
+        // Nothing was committed behind the new epoch; the reservation is pending, as
+        // memory and storage agree.
+        assert_eq!(fences(&s), vec![Some(1)]);
+        assert_eq!(s.inventory.active(kept.id).unwrap().status, Status::Pending);
+        let stored = s.database.reservations.lock().unwrap()[&kept.id].status;
+        assert_eq!(stored, Status::Pending);
     }
 
     #[tokio::test]

@@ -435,13 +435,12 @@ async fn commit(shared: &Shared, batch: Vec<Job>) {
         }
         Err(error) => {
             drop(changes);
-            let message = error.to_string();
-            tracing::error!(size = batch.len(), error = %message, "commit failed");
             if !refused_a_row(&error) {
                 health.mark_down();
             }
+            let failure = failed_batch(batch.len(), error);
             for job in batch {
-                let _ = job.done.send(Err(WriteError::Failed(message.clone())));
+                let _ = job.done.send(Err(failure.clone()));
             }
         }
     }
@@ -472,8 +471,21 @@ fn refused_a_row(error: &StoreError) -> bool {
 }
 
 fn failed(change: &Change, error: StoreError) -> WriteError {
+    if let StoreError::Fenced(_) = error {
+        tracing::warn!(?change, "change fenced off: its event has another owner");
+        return WriteError::Fenced;
+    }
     tracing::error!(?change, %error, "change refused by the database");
     WriteError::Failed(error.to_string())
+}
+
+fn failed_batch(size: usize, error: StoreError) -> WriteError {
+    if let StoreError::Fenced(_) = error {
+        return WriteError::Fenced;
+    }
+    let message = error.to_string();
+    tracing::error!(size, error = %message, "commit failed");
+    WriteError::Failed(message)
 }
 
 #[cfg(test)]

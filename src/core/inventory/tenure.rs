@@ -8,7 +8,7 @@
 //! Ownership moves in whole events: [`Inventory::take_over`] replaces an event's book with
 //! one rebuilt from the database, and [`Inventory::mirror_event`] gives it up.
 
-use super::{Book, Counter, Inventory, PoolState};
+use super::{Book, Counter, Inventory, Phase, PoolState};
 use crate::core::catalog::Event;
 use crate::core::ids::{EventId, ReservationId};
 
@@ -33,14 +33,25 @@ impl Inventory {
     /// Adds an event that another server owns, with the availability and version the
     /// database or its owner gave. Returns `false`, changing nothing, if it is already here.
     pub fn insert_mirror(&self, event: Event, available: &[u32], version: u64) -> bool {
-        let id = event.id;
-        if !self.insert_event_at(event, available, version) {
-            return false;
-        }
-        if let Some(state) = self.event_state(id) {
-            state.lock().holding = Holding::Mirror;
-        }
-        true
+        // A mirror from its first instant: never, even briefly, able to sell.
+        self.insert_held(event, available, version, Holding::Mirror)
+    }
+
+    /// The epoch to commit a change of reservation `id` behind: the one its event is owned
+    /// in, if the reservation is active here and, when `in_flight`, still being paid or
+    /// released (it began here, in this tenure). `None` when the event was given up (and
+    /// perhaps taken back, which restores the reservation as merely pending) since.
+    pub fn epoch_for(&self, id: ReservationId, in_flight: bool) -> Option<u64> {
+        self.with_book(id, |_, book| {
+            let active = book.active.get(&id)?;
+            if in_flight && active.phase == Phase::Pending {
+                return None;
+            }
+            match book.holding {
+                Holding::Owned { epoch } => Some(epoch),
+                Holding::Mirror => None,
+            }
+        })?
     }
 
     /// How this process holds the event, or `None` if it does not know it.
