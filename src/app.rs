@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Accounts, Passwords, Tokens};
 use crate::catalog::{Catalog, CatalogService, CreateEventError, EventRecords, FieldError};
-use crate::cluster::directory::Directory;
+use crate::cluster::directory::{Directory, LEASE};
 use crate::cluster::forward::Routed;
 use crate::cluster::ownership::Ownership;
 use crate::cluster::relay::{Relay, RelayTasks};
@@ -168,12 +168,16 @@ impl App {
             )),
             _ => None,
         };
-        let (notifier, relay_tasks): (Arc<dyn Notifier>, _) = match &directory {
+        let (relay, relay_tasks) = match &directory {
             Some(_) => {
                 let (relay, tasks) = Relay::new(Arc::clone(&fanout), &settings.redis_prefix, &node);
-                (relay, Some(tasks))
+                (Some(relay), Some(tasks))
             }
-            None => (fanout.clone(), None),
+            None => (None, None),
+        };
+        let notifier: Arc<dyn Notifier> = match &relay {
+            Some(relay) => relay.clone(),
+            None => fanout.clone(),
         };
         let engine = Arc::new(Engine::new(EngineParts {
             inventory: Arc::clone(&inventory),
@@ -247,6 +251,7 @@ impl App {
                     Arc::clone(&inventory),
                     Arc::new(store.clone()),
                     Arc::clone(&metrics),
+                    relay.clone().expect("a relay in cluster mode"),
                     base_url,
                     Arc::clone(&claim_now),
                 ));
@@ -342,6 +347,7 @@ impl App {
                 CLUSTER_CONNECT_TIMEOUT.as_secs()
             )));
         }
+        self.take_node_id(directory).await?;
         let mirrored = self.engine.mirror_new_events(&self.store).await?;
         tracing::info!(
             events = mirrored.len(),
@@ -370,6 +376,27 @@ impl App {
         self.background
             .spawn(Arc::clone(&cluster.ownership).run(self.stop_background.clone()));
         Ok(())
+    }
+
+    /// Two live servers with one node id would renew each other's leases: wait for an
+    /// earlier holder of the id to lapse (a restart), else refuse.
+    async fn take_node_id(&self, directory: &Directory) -> Result<(), StartError> {
+        let url = self.settings.advertise_url.clone().unwrap_or_default();
+        let give_up_at = tokio::time::Instant::now() + LEASE + Duration::from_secs(1);
+        loop {
+            match directory.take_node_id(&url).await {
+                Ok(true) => return Ok(()),
+                Ok(false) if tokio::time::Instant::now() >= give_up_at => {
+                    return Err(StartError::Cluster(format!(
+                        "--node-id {} is in use by another running server",
+                        directory.node()
+                    )))
+                }
+                Ok(false) => {}
+                Err(error) => return Err(StartError::Cluster(format!("Redis: {error}"))),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     async fn seed_demo(&self) -> Result<(), StartError> {
@@ -526,6 +553,16 @@ impl Records for Store {
         now: Timestamp,
     ) -> Result<Option<StoredIdempotency>, StoreError> {
         Store::idempotency(self, user, method, key, now).await
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError> {
+        Store::claim_idempotency_key(self, user, method, key, now).await
     }
 
     async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError> {

@@ -59,11 +59,15 @@ pub async fn acquire(database: &DatabaseUrl, cluster: bool) -> Result<DatabaseLo
                 return Ok(DatabaseLock::Postgres(connection));
             }
             // Who holds it: cluster servers hold it shared (mode ShareLock).
+            // A bigint advisory key shows as classid (high half) and objid (low half).
             let shared: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
-                 AND granted AND mode = 'ShareLock' AND database = \
+                 AND granted AND mode = 'ShareLock' AND objsubid = 1 \
+                 AND classid::bigint = $1 AND objid::bigint = $2 AND database = \
                  (SELECT oid FROM pg_database WHERE datname = current_database()))",
             )
+            .bind(ADVISORY_KEY >> 32)
+            .bind(ADVISORY_KEY & 0xffff_ffff)
             .fetch_one(&mut connection)
             .await
             .unwrap_or(false);

@@ -173,7 +173,8 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    /// One forwarded call: its method, outcome (`ok`, or the error's reason) and time.
+    /// One forwarded call: its method, outcome (`ok`; `error`, the owner's refusal passed
+    /// on; `unavailable`, no answer from an owner in time) and how long it took.
     pub fn record_forward(&self, method: &'static str, outcome: &'static str, took: Duration) {
         self.forwarded
             .get_or_create(&CallLabels { method, outcome })

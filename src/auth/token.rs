@@ -58,7 +58,18 @@ impl Tokens {
 
     /// A token for the user, valid from `now` for the configured time.
     pub fn issue(&self, user_id: UserId, role: Role, now: Timestamp) -> (String, Timestamp) {
-        let expires_at = now.saturating_add(self.ttl);
+        self.issue_for(user_id, role, now, self.ttl)
+    }
+
+    /// A token for the user, valid from `now` for `ttl`.
+    pub fn issue_for(
+        &self,
+        user_id: UserId,
+        role: Role,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> (String, Timestamp) {
+        let expires_at = now.saturating_add(ttl);
         let claims = Claims {
             sub: user_id.to_string(),
             role: role.as_str().to_owned(),

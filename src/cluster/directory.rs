@@ -16,6 +16,9 @@ use crate::expiry::redis::{build_client, parse_url};
 /// How long an owner keeps an event without renewing; a dead owner's events are taken over
 /// after at most this long (plus one [`super::ownership::TICK`]).
 pub const LEASE: Duration = Duration::from_secs(5);
+/// How long one Redis command may take: fred waits forever by default (and queues
+/// commands while it reconnects), and a lease is only worth its renewal in time.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Renews every lease in `KEYS` held by `ARGV[1]` for `ARGV[2]` ms; 1 per key renewed, 0 per
 /// key another server holds or that has lapsed (then it is not this server's any more).
@@ -86,7 +89,19 @@ impl Directory {
         self.up.load(Ordering::Relaxed)
     }
 
-    fn note<T>(&self, result: Result<T, RedisError>) -> Result<T, RedisError> {
+    /// Runs one command within [`COMMAND_TIMEOUT`] and notes whether Redis answered.
+    async fn timed<T>(
+        &self,
+        command: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let result = tokio::time::timeout(COMMAND_TIMEOUT, command)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RedisError::new(
+                    fred::error::ErrorKind::Timeout,
+                    "Redis did not answer in time",
+                ))
+            });
         self.up.store(result.is_ok(), Ordering::Relaxed);
         result
     }
@@ -105,52 +120,59 @@ impl Directory {
 
     /// Says where this server answers, for [`LEASE`].
     pub async fn advertise(&self, base_url: &str) -> Result<(), RedisError> {
-        let set = self
-            .client
-            .set::<Value, _, _>(
-                self.node_key(&self.node),
-                base_url,
-                Some(Expiration::PX(Self::lease_ms())),
-                None,
-                false,
-            )
-            .await;
-        self.note(set.map(drop))
+        let set = self.client.set::<Value, _, _>(
+            self.node_key(&self.node),
+            base_url,
+            Some(Expiration::PX(Self::lease_ms())),
+            None,
+            false,
+        );
+        self.timed(set).await.map(drop)
+    }
+
+    /// Takes this server's node id for its lifetime: `false` if a live server at another
+    /// address advertises it (two servers with one id would renew each other's leases).
+    pub async fn take_node_id(&self, base_url: &str) -> Result<bool, RedisError> {
+        let set = self.client.set::<Option<String>, _, _>(
+            self.node_key(&self.node),
+            base_url,
+            Some(Expiration::PX(Self::lease_ms())),
+            Some(SetOptions::NX),
+            false,
+        );
+        if self.timed(set).await?.is_some() {
+            return Ok(true);
+        }
+        let held: Option<String> = self
+            .timed(self.client.get(self.node_key(&self.node)))
+            .await?;
+        Ok(held.as_deref() == Some(base_url))
     }
 
     /// Takes the lease of an event nobody holds; `false` if somebody does.
     pub async fn claim(&self, event: EventId) -> Result<bool, RedisError> {
-        let set = self
-            .client
-            .set::<Option<String>, _, _>(
-                self.owner_key(event),
-                self.node.as_str(),
-                Some(Expiration::PX(Self::lease_ms())),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await;
-        self.note(set).map(|answer| answer.is_some())
+        let set = self.client.set::<Option<String>, _, _>(
+            self.owner_key(event),
+            self.node.as_str(),
+            Some(Expiration::PX(Self::lease_ms())),
+            Some(SetOptions::NX),
+            false,
+        );
+        self.timed(set).await.map(|answer| answer.is_some())
     }
 
     /// Renews the leases of `events`; per event, whether it is still this server's.
     pub async fn renew(&self, events: &[EventId]) -> Result<Vec<bool>, RedisError> {
         if events.is_empty() {
             return self
-                .note(self.client.ping::<Value>(None).await)
+                .timed(self.client.ping::<Value>(None))
+                .await
                 .map(|_| Vec::new());
         }
         let keys: Vec<String> = events.iter().map(|e| self.owner_key(*e)).collect();
-        let renewed: Result<Vec<i64>, _> = self
-            .client
-            .eval(
-                RENEW,
-                keys,
-                vec![self.node.clone(), Self::lease_ms().to_string()],
-            )
-            .await;
-        self.note(renewed)
-            .map(|answers| answers.into_iter().map(|n| n == 1).collect())
+        let args = vec![self.node.clone(), Self::lease_ms().to_string()];
+        let renewed: Vec<i64> = self.timed(self.client.eval(RENEW, keys, args)).await?;
+        Ok(renewed.into_iter().map(|n| n == 1).collect())
     }
 
     /// The owner of each event (`None` where nobody holds it).
@@ -159,19 +181,16 @@ impl Directory {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = events.iter().map(|e| self.owner_key(*e)).collect();
-        let owners: Result<Vec<Option<String>>, _> = self.client.mget(keys).await;
-        self.note(owners)
+        self.timed(self.client.mget(keys)).await
     }
 
     pub async fn owner(&self, event: EventId) -> Result<Option<String>, RedisError> {
-        let owner = self.client.get(self.owner_key(event)).await;
-        self.note(owner)
+        self.timed(self.client.get(self.owner_key(event))).await
     }
 
     /// Where a live server answers; `None` if it is not (or no longer) advertised.
     pub async fn address(&self, node: &str) -> Result<Option<String>, RedisError> {
-        let address = self.client.get(self.node_key(node)).await;
-        self.note(address)
+        self.timed(self.client.get(self.node_key(node))).await
     }
 
     /// Gives up the leases of `events` still held, and this server's address.

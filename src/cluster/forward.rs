@@ -13,10 +13,10 @@
 //! the client's, or one made here (`fwd-<uuid>`). So when the owner's answer does not come
 //! (it died or stalled after the request left), the database says whether the call
 //! committed: if the key is stored, the call succeeded and its stored result is the
-//! answer; if not, the answer is `UNAVAILABLE`. One case stays open: an owner that stalls
-//! *during* its commit and is not taken over meanwhile may still commit after that
-//! `UNAVAILABLE`; the reservation then holds its tickets until it expires, and nothing is
-//! counted twice.
+//! answer; if not, a key made here is marked as used (so the call, should it reach its
+//! commit late, is refused) and the answer is `UNAVAILABLE`: nothing was taken. With the
+//! client's own key the call may still commit late; the client's retry with the key then
+//! answers its result. An unanswered cancel is settled by the reservation's status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,9 +33,12 @@ use crate::engine::idempotency::{Answer, KeyedCall};
 use crate::engine::ports::Records;
 use crate::engine::{Engine, EngineError, Paid, ReservationService};
 use crate::metrics::Metrics;
+use crate::shapes::ReservationJson;
 
 /// How long a call may spend reaching the owner: within PROTOCOL §10's 5 s.
 pub const DEADLINE: Duration = Duration::from_secs(4);
+/// How long the token a forwarded call carries is valid: it only has to reach the owner.
+const TOKEN_TTL: Duration = Duration::from_secs(60);
 /// The pause before looking for the owner again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -64,10 +67,18 @@ enum Attempt {
     Local,
 }
 
-/// The idempotency key a forwarded call carries, to find its outcome when unanswered.
-struct ForwardKey {
-    method: &'static str,
-    key: String,
+/// How a forwarded call whose answer never came is settled.
+enum Settlement {
+    /// By its idempotency key: the client's (with the hash of its params), or one made
+    /// for the forward (`params_hash: None`), which is then marked as used so that the
+    /// call can no longer commit if it has not.
+    Key {
+        method: &'static str,
+        key: String,
+        params_hash: Option<String>,
+    },
+    /// A cancel: by the reservation's status.
+    Cancel(ReservationId),
 }
 
 impl Routed {
@@ -102,7 +113,7 @@ impl Routed {
         user: UserId,
         method: &'static str,
         params: Value,
-        key: Option<ForwardKey>,
+        settlement: Settlement,
         mut local: F,
     ) -> Result<Answer<T>, EngineError>
     where
@@ -124,7 +135,7 @@ impl Routed {
             .await
             .unwrap_or(Attempt::Unanswered);
             let attempt = match forwarded {
-                Attempt::Unanswered => Attempt::Answered(self.settle(user, key.as_ref()).await),
+                Attempt::Unanswered => Attempt::Answered(self.settle(user, &settlement).await),
                 other => other,
             };
             match attempt {
@@ -146,25 +157,50 @@ impl Routed {
         }
     }
 
-    /// The outcome of a forward that got no answer, from its key in the database.
-    async fn settle(&self, user: UserId, key: Option<&ForwardKey>) -> Result<String, EngineError> {
-        let Some(key) = key else {
-            return Err(EngineError::Unavailable);
+    /// The outcome of a forward that got no answer, from the database.
+    async fn settle(&self, user: UserId, settlement: &Settlement) -> Result<String, EngineError> {
+        let now = self.clock.now();
+        let stored = match settlement {
+            Settlement::Cancel(id) => {
+                return match self.engine.get(user, *id).await {
+                    Ok(reservation) if reservation.status == Status::Cancelled => {
+                        Ok(render(&ReservationJson::from(&reservation)))
+                    }
+                    _ => Err(EngineError::Unavailable),
+                };
+            }
+            // Ours: marked as used now unless the call committed it, so either way the
+            // answer below stays true.
+            Settlement::Key {
+                method,
+                key,
+                params_hash: None,
+            } => {
+                self.records
+                    .claim_idempotency_key(user, method, key, now)
+                    .await?
+            }
+            // The client's: a call still in flight may commit it later, and the client's
+            // retry with it then gets that result.
+            Settlement::Key { method, key, .. } => {
+                self.records.idempotency(user, method, key, now).await?
+            }
         };
-        let stored = self
-            .records
-            .idempotency(user, key.method, &key.key, self.clock.now())
-            .await;
-        match stored {
-            Ok(Some(stored)) => {
+        match (stored, settlement) {
+            (
+                Some(stored),
+                Settlement::Key {
+                    params_hash: Some(hash),
+                    ..
+                },
+            ) if stored.params_hash != *hash => Err(EngineError::IdempotencyConflict),
+            (Some(stored), _) if !stored.response.is_empty() => {
                 tracing::info!(
-                    method = key.method,
-                    "cluster: unanswered forward had committed; answering its stored result"
+                    "cluster: an unanswered forward had committed; answering its stored result"
                 );
                 Ok(stored.response)
             }
-            Ok(None) => Err(EngineError::Unavailable),
-            Err(error) => Err(error.into()),
+            _ => Err(EngineError::Unavailable),
         }
     }
 
@@ -177,7 +213,9 @@ impl Routed {
         params: &Value,
         deadline: Instant,
     ) -> Attempt {
-        let (token, _) = self.tokens.issue(user, Role::Customer, self.clock.now());
+        let (token, _) = self
+            .tokens
+            .issue_for(user, Role::Customer, self.clock.now(), TOKEN_TTL);
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         loop {
             let address = match self.directory.owner(event).await {
@@ -240,14 +278,23 @@ fn read_answer(mut answer: Value) -> Result<String, EngineError> {
 }
 
 /// The client's idempotency key, or a fresh one for the forward.
-fn forward_key<T>(method: &'static str, key: &Option<KeyedCall<'_, T>>) -> ForwardKey {
-    ForwardKey {
-        method,
-        key: key.as_ref().map_or_else(
-            || format!("fwd-{}", uuid::Uuid::new_v4().simple()),
-            |k| k.key.as_str().to_owned(),
-        ),
+fn forward_key<T>(method: &'static str, key: &Option<KeyedCall<'_, T>>) -> Settlement {
+    match key {
+        Some(call) => Settlement::Key {
+            method,
+            key: call.key.as_str().to_owned(),
+            params_hash: Some(call.params_hash.clone()),
+        },
+        None => Settlement::Key {
+            method,
+            key: format!("fwd-{}", uuid::Uuid::new_v4().simple()),
+            params_hash: None,
+        },
     }
+}
+
+fn render(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("serializable")
 }
 
 #[async_trait]
@@ -264,9 +311,11 @@ impl ReservationService for Routed {
                 "quantity": quantity.get(),
             })).collect::<Vec<_>>(),
         });
-        let forward = forward_key("tickets.reserve", &key);
-        params["idempotency_key"] = forward.key.as_str().into();
-        self.route(user, "tickets.reserve", params, Some(forward), || {
+        let settlement = forward_key("tickets.reserve", &key);
+        if let Settlement::Key { key, .. } = &settlement {
+            params["idempotency_key"] = key.as_str().into();
+        }
+        self.route(user, "tickets.reserve", params, settlement, || {
             let key = key.clone();
             let items = items.clone();
             async move { self.engine.reserve(user, items, key).await }
@@ -293,9 +342,14 @@ impl ReservationService for Routed {
         id: ReservationId,
     ) -> Result<Answer<Reservation>, EngineError> {
         let params = json!({"reservation_id": id.to_string()});
-        self.route(user, "reservations.cancel", params, None, || async move {
-            self.engine.cancel(user, id).await.map(Answer::Fresh)
-        })
+        let settlement = Settlement::Cancel(id);
+        self.route(
+            user,
+            "reservations.cancel",
+            params,
+            settlement,
+            || async move { self.engine.cancel(user, id).await.map(Answer::Fresh) },
+        )
         .await
     }
 
@@ -310,9 +364,11 @@ impl ReservationService for Routed {
             "reservation_id": id.to_string(),
             "payment_token": payment_token.as_str(),
         });
-        let forward = forward_key("payments.create", &key);
-        params["idempotency_key"] = forward.key.as_str().into();
-        self.route(user, "payments.create", params, Some(forward), || {
+        let settlement = forward_key("payments.create", &key);
+        if let Settlement::Key { key, .. } = &settlement {
+            params["idempotency_key"] = key.as_str().into();
+        }
+        self.route(user, "payments.create", params, settlement, || {
             let key = key.clone();
             async move { self.engine.pay(user, id, payment_token, key).await }
         })

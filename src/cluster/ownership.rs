@@ -1,8 +1,12 @@
-//! The ownership round, every [`TICK`] (and at once when an event is created here):
-//! advertise this server's address, mirror events other servers created, renew the leases
-//! of the events owned here (giving up those another server holds now), and claim and take
-//! over every event nobody holds. So every event has an owner while any server runs, and a
-//! dead owner's events are served again within [`LEASE`] + [`TICK`] + the rebuild.
+//! Two loops keep every event owned while any server runs, each every [`TICK`]:
+//! - *keep*: advertise this server's address, renew the leases of the events owned here
+//!   (giving up those another server holds now) and republish their state for the other
+//!   servers' mirrors. Nothing slow runs here, so a lease never lapses because a takeover
+//!   or the database took its time.
+//! - *claim* (also woken when an event is created, here or elsewhere): mirror events other
+//!   servers created, and claim and take over every event nobody holds.
+//!
+//! A dead owner's events are served again within [`LEASE`] + [`TICK`] + the rebuild.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::directory::{Directory, LEASE};
+use super::relay::Relay;
 use crate::core::inventory::{Holding, Inventory};
 use crate::core::EventId;
 use crate::engine::takeover::TakeoverSource;
@@ -22,6 +27,8 @@ use crate::metrics::Metrics;
 /// four renewals in a row can fail before an owner loses its events.
 pub const TICK: Duration = Duration::from_secs(1);
 const _: () = assert!(TICK.as_millis() * 4 < LEASE.as_millis());
+/// The least time between two claim rounds, however often they are woken.
+const CLAIM_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct Ownership {
     pub directory: Arc<Directory>,
@@ -29,6 +36,8 @@ pub struct Ownership {
     pub inventory: Arc<Inventory>,
     pub source: Arc<dyn TakeoverSource>,
     pub metrics: Arc<Metrics>,
+    /// Where the state of owned events is republished.
+    pub relay: Arc<Relay>,
     /// Where this server answers, for calls forwarded to it.
     pub base_url: String,
     /// Woken when an event is created here.
@@ -45,6 +54,7 @@ impl Ownership {
         inventory: Arc<Inventory>,
         source: Arc<dyn TakeoverSource>,
         metrics: Arc<Metrics>,
+        relay: Arc<Relay>,
         base_url: String,
         claim_now: Arc<Notify>,
     ) -> Self {
@@ -54,22 +64,53 @@ impl Ownership {
             inventory,
             source,
             metrics,
+            relay,
             base_url,
             claim_now,
             failures: AtomicU64::new(0),
         }
     }
 
-    /// Runs rounds until `stop`.
+    /// Runs both loops until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        tokio::join!(self.keep_loop(&stop), self.claim_loop(&stop));
+    }
+
+    async fn keep_loop(&self, stop: &CancellationToken) {
         loop {
-            self.round().await;
+            tokio::select! {
+                () = self.keep() => {}
+                () = stop.cancelled() => return,
+            }
             tokio::select! {
                 () = tokio::time::sleep(TICK) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn claim_loop(&self, stop: &CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.claim() => {}
+                () = stop.cancelled() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(CLAIM_PAUSE) => {}
+                () = stop.cancelled() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(TICK - CLAIM_PAUSE) => {}
                 () = self.claim_now.notified() => {}
                 () = stop.cancelled() => return,
             }
         }
+    }
+
+    /// One keep and one claim round, in that order (at start, before any call).
+    pub async fn round(&self) {
+        self.keep().await;
+        self.claim().await;
     }
 
     /// The events owned here.
@@ -98,13 +139,41 @@ impl Ownership {
         }
     }
 
-    /// One round; every step is tried even if an earlier one failed.
-    pub async fn round(&self) {
+    /// Advertises, renews, gives up what another server holds now, republishes the rest.
+    async fn keep(&self) {
         let mut redis_ok = true;
         if let Err(error) = self.directory.advertise(&self.base_url).await {
             self.redis_failed("advertising this server", &error);
             redis_ok = false;
         }
+        let owned = self.owned();
+        match self.directory.renew(&owned).await {
+            Ok(held) => {
+                for (&event, still) in owned.iter().zip(held) {
+                    if still {
+                        if let Some(pools) = self.inventory.pools(event) {
+                            self.relay.republish(event, pools);
+                        }
+                    } else {
+                        self.engine.give_up(event);
+                    }
+                }
+            }
+            // Keep serving: if another server takes an event over meanwhile, its epoch
+            // fences this one's commits off, and the first fenced commit gives it up.
+            Err(error) => {
+                self.redis_failed("renewing leases", &error);
+                redis_ok = false;
+            }
+        }
+        if redis_ok {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        self.metrics.set_owned_events(self.owned().len());
+    }
+
+    /// Mirrors new events, then claims and takes over every event nobody holds.
+    async fn claim(&self) {
         match self.engine.mirror_new_events(self.source.as_ref()).await {
             Ok(added) if !added.is_empty() => {
                 tracing::info!(events = added.len(), "mirrored events created elsewhere");
@@ -112,48 +181,30 @@ impl Ownership {
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cluster: could not read the catalog"),
         }
-        let (owned, mirrors) = self.split();
-        match self.directory.renew(&owned).await {
-            Ok(held) => {
-                for (&event, still) in owned.iter().zip(held) {
-                    if !still {
-                        self.engine.give_up(event);
-                    }
-                }
-            }
-            // Keep serving: if another server takes an event over meanwhile, its epoch
-            // fences this one's commits off.
-            Err(error) => {
-                self.redis_failed("renewing leases", &error);
-                redis_ok = false;
-            }
-        }
-        match self.directory.owners(&mirrors).await {
-            Ok(owners) => {
-                for (&event, owner) in mirrors.iter().zip(owners) {
-                    let ours = match owner {
-                        None => match self.directory.claim(event).await {
-                            Ok(claimed) => claimed,
-                            Err(error) => {
-                                self.redis_failed("claiming an event", &error);
-                                false
-                            }
-                        },
-                        // Claimed earlier, and the takeover failed: try again.
-                        Some(node) => node == self.directory.node(),
-                    };
-                    if ours {
-                        self.take_over(event).await;
-                    }
-                }
-            }
+        let (_, mirrors) = self.split();
+        let owners = match self.directory.owners(&mirrors).await {
+            Ok(owners) => owners,
             Err(error) => {
                 self.redis_failed("reading owners", &error);
-                redis_ok = false;
+                return;
             }
-        }
-        if redis_ok {
-            self.failures.store(0, Ordering::Relaxed);
+        };
+        for (&event, owner) in mirrors.iter().zip(owners) {
+            let ours = match owner {
+                None => match self.directory.claim(event).await {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        self.redis_failed("claiming an event", &error);
+                        false
+                    }
+                },
+                // Claimed earlier, and the takeover failed or the event was given up
+                // after a fenced commit: take it over (again).
+                Some(node) => node == self.directory.node(),
+            };
+            if ours {
+                self.take_over(event).await;
+            }
         }
         self.metrics.set_owned_events(self.owned().len());
     }

@@ -31,6 +31,10 @@ use crate::shapes;
 const QUEUE: usize = 65_536;
 /// Most changes gathered into one round of messages.
 const GATHER: usize = 4_096;
+/// How long one round of messages may take to publish.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one attempt to subscribe may take, and the pause before the next.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 enum Outgoing {
     Pools(EventId, Vec<PoolState>),
@@ -83,6 +87,13 @@ impl Relay {
             users_channel: format!("{prefix}users"),
         };
         (relay, tasks)
+    }
+
+    /// Publishes the state of an event this server owns without a change: other servers'
+    /// mirrors catch up on anything they missed (a message lost while they reconnected, or
+    /// a snapshot sent while they still owned the event).
+    pub fn republish(&self, event_id: EventId, pools: Vec<PoolState>) {
+        self.send(Outgoing::Pools(event_id, pools));
     }
 
     fn send(&self, message: Outgoing) {
@@ -157,11 +168,21 @@ impl RelayTasks {
                 };
                 messages.push((&self.pools_channel, serde_json::to_string(&message)));
             }
+            // One pipeline per round, within a deadline: a Redis that hangs costs this
+            // round's messages (the mirrors catch up at the owners' next republish), never
+            // the publisher itself.
+            let pipeline = client.pipeline();
             for (channel, text) in messages {
                 let Ok(text) = text else { continue };
-                if let Err(error) = client.publish::<i64, _, _>(channel.as_str(), text).await {
-                    tracing::warn!(%error, "cluster: could not publish a change");
+                let _ = pipeline.publish::<(), _, _>(channel.as_str(), text).await;
+            }
+            tokio::select! {
+                sent = tokio::time::timeout(PUBLISH_TIMEOUT, pipeline.all::<Vec<fred::prelude::Value>>()) => {
+                    if !matches!(sent, Ok(Ok(_))) {
+                        tracing::warn!("cluster: could not publish changes to the other servers");
+                    }
                 }
+                () = stop.cancelled() => return,
             }
         }
     }
@@ -186,14 +207,14 @@ pub async fn listen(
     let _task = subscriber.connect();
     let subscribe = || async {
         loop {
-            match subscriber
-                .subscribe(vec![pools_channel.clone(), users_channel.clone()])
-                .await
-            {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "cluster: could not subscribe to other servers' changes; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+            let channels = vec![pools_channel.clone(), users_channel.clone()];
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscriber.subscribe(channels)).await {
+                Ok(Ok(())) => return,
+                _ => {
+                    tracing::warn!(
+                        "cluster: could not subscribe to other servers' changes; retrying"
+                    );
+                    tokio::time::sleep(SUBSCRIBE_TIMEOUT).await;
                 }
             }
         }
@@ -220,7 +241,10 @@ pub async fn listen(
                 }
                 Err(_) => return,
             },
-            Ok(_) = reconnects.recv() => subscribe().await,
+            Ok(_) = reconnects.recv() => tokio::select! {
+                () = subscribe() => {}
+                () = stop.cancelled() => break,
+            },
             () = stop.cancelled() => break,
         }
     }

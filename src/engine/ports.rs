@@ -49,6 +49,15 @@ pub trait Records: Send + Sync + 'static {
         key: &str,
         now: Timestamp,
     ) -> Result<Option<StoredIdempotency>, StoreError>;
+    /// Marks a key as used with an empty result unless it is stored: `None` if this call
+    /// marked it (a change later committed with it is refused), else the stored record.
+    async fn claim_idempotency_key(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError>;
     /// Deletes idempotency keys older than 24 hours; returns how many.
     async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError>;
 }

@@ -166,6 +166,26 @@ impl Records for Database {
             .get(&(user, method.to_owned(), key.to_owned()))
             .cloned())
     }
+    async fn claim_idempotency_key(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        _: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError> {
+        let mut keys = self.keys.lock().unwrap();
+        let entry = keys.entry((user, method.to_owned(), key.to_owned()));
+        match entry {
+            std::collections::hash_map::Entry::Occupied(stored) => Ok(Some(stored.get().clone())),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(StoredIdempotency {
+                    params_hash: String::new(),
+                    response: String::new(),
+                });
+                Ok(None)
+            }
+        }
+    }
     async fn delete_old_idempotency_keys(&self, _: Timestamp) -> Result<u64, StoreError> {
         Ok(0)
     }

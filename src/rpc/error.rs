@@ -255,7 +255,8 @@ impl From<crate::engine::EngineError> for RpcError {
                     ticket_type_id,
                     rule,
                 },
-                // Forwarding failed to reach the event's owner.
+                // The engine answers this as `NotOwner` (forwarded to the event's owner);
+                // should one ever reach the wire, nothing was taken.
                 R::NotOwned { .. } => RpcError::Unavailable,
             },
             E::NotFound => RpcError::NotFound,

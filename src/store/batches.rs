@@ -41,7 +41,11 @@ pub async fn connect(
     // lets the writer tell a database that is down (it probes again anyway).
     Ok(match url {
         DatabaseUrl::Postgres(text) => {
-            let options = PgConnectOptions::from_str(text)?;
+            // A writer's transaction is never idle for more than a round trip; one that is
+            // (its server paused or cut off mid-batch) would hold its events' epoch rows
+            // `FOR SHARE` and stall a takeover until TCP gave up, hours later.
+            let options = PgConnectOptions::from_str(text)?
+                .options([("idle_in_transaction_session_timeout", "3s")]);
             let pool = PgPoolOptions::new()
                 .max_connections(connections.max(1))
                 .acquire_timeout(PROBE_TIMEOUT)

@@ -182,6 +182,33 @@ impl Store {
         .transpose()
     }
 
+    /// Marks a key as used, with an empty result, unless it is stored already: `None` if
+    /// this call marked it (from now on a change committed with it is refused as
+    /// `key_in_use`), else the stored record. How a server settles a forwarded call whose
+    /// answer never came: either the call committed, or it never will.
+    pub async fn claim_idempotency_key(
+        &self,
+        user: UserId,
+        method: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<StoredIdempotency>, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, method, key, params_hash, response, created_at) \
+             VALUES ($1, $2, $3, '', '', $4) ON CONFLICT (user_id, method, key) DO NOTHING",
+        )
+        .bind(user.to_string())
+        .bind(method)
+        .bind(key)
+        .bind(now.as_millis())
+        .execute(self.pool())
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(None);
+        }
+        self.idempotency(user, method, key, now).await
+    }
+
     /// Deletes idempotency keys older than 24 hours; returns how many.
     pub async fn delete_old_idempotency_keys(&self, now: Timestamp) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1")

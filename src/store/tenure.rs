@@ -7,9 +7,12 @@ use std::collections::HashMap;
 use sqlx::Row;
 
 use super::reservations::{held_per_type, SELECT_RESERVATIONS};
-use super::{id_column, Store, StoreError};
+use super::{id_column, Backend, Store, StoreError};
 use crate::core::reservation::Reservation;
 use crate::core::{EventId, TicketTypeId};
+
+/// How long a takeover waits for the previous owner's batches in flight.
+const TAKEOVER_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
 
 fn epoch_of(row: &sqlx::any::AnyRow) -> Result<u64, StoreError> {
     let epoch: i64 = row.try_get("epoch")?;
@@ -20,12 +23,20 @@ impl Store {
     /// Bumps one event's epoch and returns the new one. The row lock of the `UPDATE` waits
     /// for every batch of the previous owner in flight (they hold the row `FOR SHARE`), and
     /// every later batch of it sees the new epoch and is refused.
+    ///
+    /// It waits at most 2 s for them ([`TAKEOVER_LOCK_TIMEOUT`]) (a failure is tried again at the
+    /// next claim round), so one stalled batch never stalls a server's claims for long.
     pub async fn take_over_event(&self, id: EventId) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query(TAKEOVER_LOCK_TIMEOUT).execute(&mut *tx).await?;
+        }
         let row = sqlx::query("UPDATE events SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch")
             .bind(id.to_string())
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| StoreError::corrupt("events", format!("no event {id}")))?;
+        tx.commit().await?;
         epoch_of(&row)
     }
 

@@ -1,8 +1,11 @@
 //! Long-poll without sticky sessions (PROTOCOL §10): in cluster mode a session's id starts
 //! with the id of the server holding it (`<node>~<secret>`), and a request for a session
 //! held elsewhere is passed to that server and its answer passed back. A session whose
-//! server is gone (no longer advertised, or not answering) answers 410, as an expired one:
-//! the client opens a new session and subscribes again.
+//! server is gone (no longer advertised, or refusing connections) answers 410, as an
+//! expired one: the client opens a new session and subscribes again. A server that takes
+//! the request and then does not answer in time is 504 (the session may well live on), a
+//! body over the message limit 413, and a request already passed on once is never passed
+//! on again (410 if its session is not here): a wrong `--advertise-url` cannot loop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,9 @@ const PASSED_ON: [HeaderName; 4] = [
 /// How much longer than the poll timeout a passed-on GET may take.
 const MARGIN: Duration = Duration::from_secs(5);
 
+/// Marks a request passed on from another server.
+const FOLLOWED: HeaderName = HeaderName::from_static("x-ticket-api-followed");
+
 /// Middleware of `/lp/{session}`: requests for sessions held here, or unknown to the
 /// cluster, go on to the handlers; others go to the server holding them.
 pub async fn follow_session(
@@ -50,22 +56,28 @@ pub async fn follow_session(
         Some(node) if node != cluster.directory.node() && !sessions.holds(&id) => node,
         _ => return next.run(request).await,
     };
+    if request.headers().contains_key(&FOLLOWED) {
+        return gone();
+    }
     let Ok(Some(address)) = cluster.directory.address(node).await else {
         return gone();
     };
-    pass_on(&app, request, &address).await.unwrap_or_else(gone)
+    pass_on(&app, request, &address).await
 }
 
-/// Sends the request to the server at `address`; `None` if it does not answer.
-async fn pass_on(app: &App, request: Request, address: &str) -> Option<Response> {
+/// Sends the request to the server at `address` and passes its answer back.
+async fn pass_on(app: &App, request: Request, address: &str) -> Response {
     let (parts, body) = request.into_parts();
     let max = app.settings.max_message_bytes as usize;
-    let body = axum::body::to_bytes(body, max).await.ok()?;
+    let Ok(body) = axum::body::to_bytes(body, max).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let client = follower_client();
     let mut outgoing = client
         .request(parts.method.clone(), format!("{address}{path}"))
         .timeout(app.settings.poll_timeout + MARGIN)
+        .header(FOLLOWED, "1")
         .body(body);
     for name in PASSED_ON {
         if let Some(value) = parts.headers.get(&name) {
@@ -74,21 +86,27 @@ async fn pass_on(app: &App, request: Request, address: &str) -> Option<Response>
     }
     let answer = match outgoing.send().await {
         Ok(answer) => answer,
+        Err(error) if error.is_connect() => {
+            tracing::info!(%error, "long-poll session's server is gone: session gone");
+            return gone();
+        }
         Err(error) => {
-            tracing::info!(%error, "long-poll session's server did not answer: session gone");
-            return None;
+            tracing::warn!(%error, "long-poll session's server did not answer in time");
+            return StatusCode::GATEWAY_TIMEOUT.into_response();
         }
     };
-    let status = StatusCode::from_u16(answer.status().as_u16()).ok()?;
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
-    let bytes = answer.bytes().await.ok()?;
+    let Ok(bytes) = answer.bytes().await else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
     let mut response = (status, Body::from(bytes)).into_response();
     if let Some(content_type) = content_type {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, content_type);
     }
-    Some(response)
+    response
 }
 
 /// One client for every passed-on request, so connections to the other servers are reused.
