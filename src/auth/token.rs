@@ -1,4 +1,5 @@
-//! JWTs (HS256 only): `sub` = user id, `role`, `iat`, `exp`.
+//! JWTs (HS256 only): `sub` = user id, `role`, `iat`, `exp`; and, only on the tokens a
+//! cluster server signs for a call it forwards to another, `aud` = [`FORWARD_AUDIENCE`].
 
 use std::time::Duration;
 
@@ -14,7 +15,15 @@ pub struct Claims {
     pub role: String,
     pub iat: i64,
     pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
+
+/// The audience of a forwarded call's token. Such a token is accepted by `/cluster/rpc`
+/// alone, and there without reading the user from the database: the forwarding server
+/// has just checked the client's own token. A client's token (no audience) is refused
+/// there, and a forwarded one everywhere else.
+pub const FORWARD_AUDIENCE: &str = "ticket-api-forward";
 
 /// Why a token is not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -69,21 +78,62 @@ impl Tokens {
         now: Timestamp,
         ttl: Duration,
     ) -> (String, Timestamp) {
+        self.sign(user_id, role, now, ttl, None)
+    }
+
+    /// The token of a call forwarded to another cluster server, valid from `now` for `ttl`.
+    pub fn issue_forwarded(
+        &self,
+        user_id: UserId,
+        role: Role,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> String {
+        self.sign(user_id, role, now, ttl, Some(FORWARD_AUDIENCE)).0
+    }
+
+    fn sign(
+        &self,
+        user_id: UserId,
+        role: Role,
+        now: Timestamp,
+        ttl: Duration,
+        audience: Option<&str>,
+    ) -> (String, Timestamp) {
         let expires_at = now.saturating_add(ttl);
         let claims = Claims {
             sub: user_id.to_string(),
             role: role.as_str().to_owned(),
             iat: now.as_millis() / 1000,
             exp: expires_at.as_millis() / 1000,
+            aud: audience.map(str::to_owned),
         };
         let token = encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail");
         (token, Timestamp::from_millis(claims.exp * 1000))
     }
 
-    /// Checks signature, algorithm and expiry (against `now`, not the system clock).
+    /// Checks signature, algorithm and expiry (against `now`, not the system clock). A
+    /// token with an audience (a forwarded call's) is refused.
     pub fn verify(&self, token: &str, now: Timestamp) -> Result<Verified, TokenError> {
+        self.check(token, now, self.validation.clone())
+    }
+
+    /// Checks a forwarded call's token: as [`verify`](Self::verify), and its audience must
+    /// be [`FORWARD_AUDIENCE`].
+    pub fn verify_forwarded(&self, token: &str, now: Timestamp) -> Result<Verified, TokenError> {
         let mut validation = self.validation.clone();
+        validation.set_audience(&[FORWARD_AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        self.check(token, now, validation)
+    }
+
+    fn check(
+        &self,
+        token: &str,
+        now: Timestamp,
+        mut validation: Validation,
+    ) -> Result<Verified, TokenError> {
         // Expiry is checked below against the injected clock.
         validation.validate_exp = false;
         let data =
@@ -124,6 +174,23 @@ mod tests {
         let verified = t.verify(&token, NOW).unwrap();
         assert_eq!((verified.user_id, verified.role), (user, Role::Admin));
         assert_eq!(t.verify(&token, expires_at), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_forwarded_calls_token_is_accepted_only_where_forwarded_calls_are() {
+        let t = tokens("s3cret-s3cret-s3cret-s3cret-s3cret");
+        let user = UserId::new();
+        let ttl = Duration::from_secs(60);
+        let forwarded = t.issue_forwarded(user, Role::Customer, NOW, ttl);
+        let verified = t.verify_forwarded(&forwarded, NOW).unwrap();
+        assert_eq!((verified.user_id, verified.role), (user, Role::Customer));
+        assert_eq!(t.verify(&forwarded, NOW), Err(TokenError::Invalid));
+        let (client, _) = t.issue(user, Role::Customer, NOW);
+        assert_eq!(t.verify_forwarded(&client, NOW), Err(TokenError::Invalid));
+        assert_eq!(
+            t.verify_forwarded(&forwarded, NOW.saturating_add(ttl)),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]

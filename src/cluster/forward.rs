@@ -5,9 +5,15 @@
 //! again), and the owner's answer, result or error, is passed on as it is.
 //!
 //! Within [`DEADLINE`] a call follows the owner: no owner yet (a takeover under way), an
-//! owner that does not answer the connection (it died; its lease is lapsing), or this
-//! server becoming the owner are waited out and tried again. Sending is never repeated
-//! once the request may have reached the owner.
+//! owner that does not answer the connection (it died; its lease is lapsing), a server
+//! that answers it does not own the event (nothing ran there), or this server becoming
+//! the owner are waited out and tried again. Sending is never repeated once the request
+//! may have reached an owner that ran it.
+//!
+//! Who owns an event, and where it answers, is read from Redis and remembered for
+//! [`OWNER_MEMORY`]: two Redis round trips saved on nearly every forward. A remembered
+//! owner that no longer owns the event says so, or does not answer the connection; either
+//! way it is forgotten and Redis asked again.
 //!
 //! A forwarded `tickets.reserve` or `payments.create` always carries an idempotency key:
 //! the client's, or one made here (`fwd-<uuid>`). So when the owner's answer does not come
@@ -22,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use dashmap::DashMap;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -41,6 +48,8 @@ pub const DEADLINE: Duration = Duration::from_secs(4);
 const TOKEN_TTL: Duration = Duration::from_secs(60);
 /// The pause before looking for the owner again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// How long an event's owner, read from Redis, is used without reading it again.
+const OWNER_MEMORY: Duration = Duration::from_secs(1);
 
 /// The route of internal calls on the owner.
 pub const ROUTE: &str = "/cluster/rpc";
@@ -56,6 +65,8 @@ pub struct Routed {
     pub clock: Arc<dyn Clock>,
     pub http: reqwest::Client,
     pub metrics: Arc<Metrics>,
+    /// Owners read from Redis lately: (node, its address, until when to use them).
+    owners: DashMap<EventId, (String, String, Instant)>,
 }
 
 /// Where one attempt ended.
@@ -103,7 +114,29 @@ impl Routed {
             clock,
             http,
             metrics,
+            owners: DashMap::new(),
         }
+    }
+
+    /// The event's owner and its address: remembered, else read from Redis. `None` while
+    /// no server holds the event or its address is unknown.
+    async fn owner_of(&self, event: EventId) -> Option<(String, String)> {
+        if let Some(entry) = self.owners.get(&event) {
+            let (node, address, until) = entry.value();
+            if Instant::now() < *until {
+                return Some((node.clone(), address.clone()));
+            }
+        }
+        let node = self.directory.owner(event).await.ok().flatten()?;
+        let address = if node == self.directory.node() {
+            String::new()
+        } else {
+            self.directory.address(&node).await.ok().flatten()?
+        };
+        let until = Instant::now() + OWNER_MEMORY;
+        self.owners
+            .insert(event, (node.clone(), address.clone(), until));
+        Some((node, address))
     }
 
     /// Runs `local` here while this server owns the event, else forwards `method` with
@@ -213,15 +246,18 @@ impl Routed {
         params: &Value,
         deadline: Instant,
     ) -> Attempt {
-        let (token, _) = self
+        let token = self
             .tokens
-            .issue_for(user, Role::Customer, self.clock.now(), TOKEN_TTL);
+            .issue_forwarded(user, Role::Customer, self.clock.now(), TOKEN_TTL);
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         loop {
-            let address = match self.directory.owner(event).await {
-                Ok(Some(owner)) if owner == self.directory.node() => return Attempt::Local,
-                Ok(Some(owner)) => self.directory.address(&owner).await.ok().flatten(),
-                Ok(None) | Err(_) => None,
+            let address = match self.owner_of(event).await {
+                Some((owner, _)) if owner == self.directory.node() => {
+                    self.owners.remove(&event);
+                    return Attempt::Local;
+                }
+                Some((_, address)) => Some(address),
+                None => None,
             };
             if let Some(address) = address {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -236,6 +272,16 @@ impl Routed {
                 match sent {
                     Ok(response) => {
                         return match response.json::<Value>().await {
+                            // Nothing ran there: look the owner up again.
+                            Ok(answer) if answer["error"]["data"]["not_owner"] == true => {
+                                tracing::debug!(%event, "cluster: not the owner any more; looking again");
+                                self.owners.remove(&event);
+                                if Instant::now() + RETRY_PAUSE >= deadline {
+                                    return Attempt::Answered(Err(EngineError::Unavailable));
+                                }
+                                tokio::time::sleep(RETRY_PAUSE).await;
+                                continue;
+                            }
                             Ok(answer) => Attempt::Answered(read_answer(answer)),
                             Err(error) => {
                                 tracing::warn!(%event, %error, "cluster: the owner's answer was lost");
@@ -246,6 +292,7 @@ impl Routed {
                     // Nothing was sent: the owner is gone or not listening yet.
                     Err(error) if error.is_connect() => {
                         tracing::debug!(%event, %error, "cluster: owner unreachable; retrying");
+                        self.owners.remove(&event);
                     }
                     Err(error) => {
                         tracing::warn!(%event, %error, "cluster: no answer from the event's owner");

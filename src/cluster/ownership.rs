@@ -1,15 +1,18 @@
 //! Two loops keep every event owned while any server runs, each every [`TICK`]:
 //! - *keep*: advertise this server's address, renew the leases of the events owned here
-//!   (giving up those another server holds now) and republish their state for the other
-//!   servers' mirrors. Nothing slow runs here, so a lease never lapses because a takeover
-//!   or the database took its time.
+//!   and of those being taken over (giving up those another server holds now) and
+//!   republish their state for the other servers' mirrors. Nothing slow runs here, and it
+//!   runs as its own task, so a lease never lapses because a takeover or the database
+//!   took its time: an event with hundreds of thousands of pending reservations takes
+//!   longer than a lease to rebuild.
 //! - *claim* (also woken when an event is created, here or elsewhere): mirror events other
 //!   servers created, and claim and take over every event nobody holds.
 //!
 //! A dead owner's events are served again within [`LEASE`] + [`TICK`] + the rebuild.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -44,6 +47,8 @@ pub struct Ownership {
     pub claim_now: Arc<Notify>,
     /// Redis failures in a row, to log the first and then every 30th.
     failures: AtomicU64,
+    /// Events claimed here and being rebuilt: their leases are renewed with the owned ones.
+    taking_over: Mutex<HashSet<EventId>>,
 }
 
 impl Ownership {
@@ -68,12 +73,21 @@ impl Ownership {
             base_url,
             claim_now,
             failures: AtomicU64::new(0),
+            taking_over: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Runs both loops until `stop`.
+    /// Runs both loops until `stop`, each as its own task: a claim round busy rebuilding
+    /// an event never delays a renewal.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        tokio::join!(self.keep_loop(&stop), self.claim_loop(&stop));
+        let claims = tokio::spawn({
+            let (this, stop) = (Arc::clone(&self), stop.clone());
+            async move { this.claim_loop(&stop).await }
+        });
+        self.keep_loop(&stop).await;
+        if let Err(error) = claims.await {
+            tracing::error!(%error, "cluster: the claim loop failed");
+        }
     }
 
     async fn keep_loop(&self, stop: &CancellationToken) {
@@ -147,9 +161,21 @@ impl Ownership {
             redis_ok = false;
         }
         let owned = self.owned();
-        match self.directory.renew(&owned).await {
+        let mut leased = owned.clone();
+        let rebuilding: Vec<EventId> = self.lock_taking_over().iter().copied().collect();
+        leased.extend(rebuilding.iter().filter(|event| !owned.contains(event)));
+        match self.directory.renew(&leased).await {
             Ok(held) => {
-                for (&event, still) in owned.iter().zip(held) {
+                for (&event, still) in leased.iter().zip(held) {
+                    if !owned.contains(&event) {
+                        // Being taken over. A lease lost meanwhile (Redis lost it, or it
+                        // lapsed before this renewal) is noticed once the rebuild is done:
+                        // the event is owned then, and the next renewal gives it up.
+                        if !still {
+                            tracing::warn!(%event, "cluster: lost the lease of an event being taken over");
+                        }
+                        continue;
+                    }
                     if still {
                         if let Some(pools) = self.inventory.pools(event) {
                             self.relay.republish(event, pools);
@@ -203,10 +229,18 @@ impl Ownership {
                 Some(node) => node == self.directory.node(),
             };
             if ours {
+                self.lock_taking_over().insert(event);
                 self.take_over(event).await;
+                self.lock_taking_over().remove(&event);
             }
         }
         self.metrics.set_owned_events(self.owned().len());
+    }
+
+    fn lock_taking_over(&self) -> std::sync::MutexGuard<'_, HashSet<EventId>> {
+        self.taking_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn take_over(&self, event: EventId) {

@@ -244,6 +244,7 @@ impl Engine {
         };
         let committed = self.writer.commit(change, record, fence).await;
         if committed == Err(WriteError::Fenced) {
+            tracing::warn!(event = %event_id, "a commit was fenced off: another server has taken the event over");
             self.give_up(event_id);
         }
         committed

@@ -31,28 +31,33 @@ impl Engine {
             self.inventory
                 .insert_event_at(event, &available, first_version(epoch));
         }
-        let mut pending = 0;
-        for reservation in source.pending_reservations().await? {
-            if self.restore(reservation) {
-                pending += 1;
-            }
-        }
+        let pending = self.restore_all(source.pending_reservations().await?).await;
         Ok(Recovered {
             events: event_count,
             pending,
         })
     }
 
-    /// Puts a pending reservation loaded from storage back under expiry; `false` if the
-    /// inventory cannot track it (unknown event or ticket type, or already active).
-    pub(super) fn restore(&self, reservation: Reservation) -> bool {
-        let (id, expires_at) = (reservation.id, reservation.expires_at);
-        let restored = self.inventory.restore_pending(reservation);
-        if restored {
-            self.expiry.schedule(id, expires_at);
-        } else {
-            tracing::error!(reservation = %id, "pending reservation not restored: unknown event or ticket type, or no items");
+    /// Puts pending reservations loaded from storage back under expiry, handing the expiry
+    /// every due time at once (a big event taken over has hundreds of thousands). Yields now
+    /// and then, so a long rebuild never holds a runtime thread. Returns how many were
+    /// restored; one the inventory cannot track (unknown event or ticket type, no items, or
+    /// already active) is logged and left out.
+    pub(super) async fn restore_all(&self, reservations: Vec<Reservation>) -> usize {
+        const BETWEEN_YIELDS: usize = 4_096;
+        let mut due = Vec::with_capacity(reservations.len());
+        for (n, reservation) in reservations.into_iter().enumerate() {
+            let (id, expires_at) = (reservation.id, reservation.expires_at);
+            if self.inventory.restore_pending(reservation) {
+                due.push((id, expires_at));
+            } else {
+                tracing::error!(reservation = %id, "pending reservation not restored: unknown event or ticket type, or no items");
+            }
+            if n % BETWEEN_YIELDS == BETWEEN_YIELDS - 1 {
+                tokio::task::yield_now().await;
+            }
         }
-        restored
+        self.expiry.schedule_all(&due);
+        due.len()
     }
 }

@@ -92,10 +92,7 @@ impl Engine {
         let pending = source.pending_of_event(event_id).await?;
         self.inventory
             .take_over(event_id, &availability(&event, &held), epoch);
-        let mut restored = 0usize;
-        for reservation in pending {
-            restored += usize::from(self.restore(reservation));
-        }
+        let restored = self.restore_all(pending).await;
         if let Some(pools) = self.inventory.pools(event_id) {
             self.notifier.pools_changed(event_id, &pools);
         }
@@ -107,7 +104,7 @@ impl Engine {
     /// reservations are the new owner's (their expiry keys stay in Redis for it).
     pub fn give_up(&self, event_id: EventId) {
         if let Some(forgotten) = self.inventory.mirror_event(event_id) {
-            tracing::warn!(event = %event_id, active = forgotten.len(), "gave the event up to another server");
+            tracing::info!(event = %event_id, active = forgotten.len(), "gave the event up to another server");
         }
     }
 }

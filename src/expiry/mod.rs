@@ -18,6 +18,14 @@ pub const DUE_CAPACITY: usize = 4_096;
 pub trait Expiry: Send + Sync + 'static {
     /// `id` falls due at `at` (now or in the past: at once).
     fn schedule(&self, id: ReservationId, at: Timestamp);
+    /// Many reservations at once (recovery, a takeover): the same as [`schedule`](Self::schedule)
+    /// for each, but an expiry with a bounded queue may write them some other way than
+    /// through it.
+    fn schedule_all(&self, due: &[(ReservationId, Timestamp)]) {
+        for &(id, at) in due {
+            self.schedule(id, at);
+        }
+    }
     /// `id` was paid or cancelled: it will not fall due.
     fn cancel(&self, id: ReservationId);
     /// For `/health`: `true` when expiries are being delivered.

@@ -105,6 +105,11 @@ pub struct RedisExpiry {
     pokes: Arc<TimerExpiry>,
     /// A connection error was logged and no subscription made since: logs once per outage.
     outage: AtomicBool,
+    /// Many keys were scheduled at once ([`Expiry::schedule_all`]): the key writer writes
+    /// every scheduled key from the poke schedule, in pipelines, rather than each through
+    /// the bounded queue. Woken by `rearm_wake`.
+    rearm_wanted: AtomicBool,
+    rearm_wake: tokio::sync::Notify,
     clock: Arc<dyn Clock>,
 }
 
@@ -135,6 +140,8 @@ impl RedisExpiry {
             subscriber,
             subscribed: AtomicBool::new(false),
             outage: AtomicBool::new(false),
+            rearm_wanted: AtomicBool::new(false),
+            rearm_wake: tokio::sync::Notify::new(),
             pokes: TimerExpiry::new(Arc::clone(&clock)),
             clock,
         });
@@ -222,7 +229,11 @@ impl RedisExpiry {
         loop {
             tokio::select! {
                 received = queue.recv_many(&mut batch, PIPELINE_MAX) => if received == 0 { return },
+                () = self.rearm_wake.notified() => {}
                 () = stop.cancelled() => return,
+            }
+            if self.rearm_wanted.swap(false, Ordering::SeqCst) {
+                rearm = true;
             }
             if !self.commands.is_connected() {
                 rearm = true;
@@ -247,11 +258,13 @@ impl RedisExpiry {
                     () = stop.cancelled() => return,
                 }
             }
-            tokio::select! {
-                answered = self.send(&batch) => if !answered { rearm = true },
-                () = stop.cancelled() => return,
+            if !batch.is_empty() {
+                tokio::select! {
+                    answered = self.send(&batch) => if !answered { rearm = true },
+                    () = stop.cancelled() => return,
+                }
+                batch.clear();
             }
-            batch.clear();
         }
     }
 
@@ -511,6 +524,22 @@ impl Expiry for RedisExpiry {
     fn schedule(&self, id: ReservationId, at: Timestamp) {
         self.enqueue(KeyCommand::Set { id, at });
         self.pokes.schedule(id, at);
+    }
+
+    /// A re-arm writes the key of every scheduled reservation in pipelines of
+    /// [`PIPELINE_MAX`], so a takeover of an event with hundreds of thousands pending never
+    /// overflows the queue, and live reserves' keys are not dropped meanwhile. A `DEL`
+    /// queued before the re-arm has already taken its reservation off the schedule; one
+    /// queued after goes out after it.
+    fn schedule_all(&self, due: &[(ReservationId, Timestamp)]) {
+        if due.is_empty() {
+            return;
+        }
+        for &(id, at) in due {
+            self.pokes.schedule(id, at);
+        }
+        self.rearm_wanted.store(true, Ordering::SeqCst);
+        self.rearm_wake.notify_one();
     }
 
     fn cancel(&self, id: ReservationId) {

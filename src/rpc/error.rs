@@ -50,6 +50,11 @@ pub enum RpcError {
     RateLimited { retry_after_ms: u64 },
     #[error("service unavailable")]
     Unavailable,
+    /// `UNAVAILABLE` with `data.not_owner: true`: on `/cluster/rpc` only, a call for an
+    /// event this server does not own (any more). Nothing ran, so the forwarding server
+    /// looks the owner up again and sends the call there.
+    #[error("service unavailable: not the event's owner")]
+    NotOwner,
     #[error("not supported on this transport")]
     TransportUnsupported,
     /// A bug or an unexpected failure; the cause is logged, never sent.
@@ -94,7 +99,7 @@ impl RpcError {
             Self::PaymentDeclined => "PAYMENT_DECLINED",
             Self::PaymentUnavailable => "PAYMENT_UNAVAILABLE",
             Self::RateLimited { .. } => "RATE_LIMITED",
-            Self::Unavailable => "UNAVAILABLE",
+            Self::Unavailable | Self::NotOwner => "UNAVAILABLE",
             Self::TransportUnsupported => "TRANSPORT_UNSUPPORTED",
             Self::Internal(_) => "INTERNAL",
             Self::Relayed { data, .. } => known_reason(data.as_ref()),
@@ -141,6 +146,7 @@ impl RpcError {
             Self::RateLimited { retry_after_ms } => {
                 Some(json!({"reason": reason, "retry_after_ms": retry_after_ms}))
             }
+            Self::NotOwner => Some(json!({"reason": reason, "not_owner": true})),
             _ => Some(json!({"reason": reason})),
         };
         let message = match self {
@@ -173,7 +179,7 @@ impl RpcError {
             Self::PaymentDeclined => 3001,
             Self::PaymentUnavailable => 3002,
             Self::RateLimited { .. } => 4001,
-            Self::Unavailable => 4002,
+            Self::Unavailable | Self::NotOwner => 4002,
             Self::TransportUnsupported => 4003,
             Self::Relayed { code, .. } => *code,
         }
@@ -257,7 +263,7 @@ impl From<crate::engine::EngineError> for RpcError {
                 },
                 // The engine answers this as `NotOwner` (forwarded to the event's owner);
                 // should one ever reach the wire, nothing was taken.
-                R::NotOwned { .. } => RpcError::Unavailable,
+                R::NotOwned { .. } => RpcError::NotOwner,
             },
             E::NotFound => RpcError::NotFound,
             E::Expired => RpcError::ReservationExpired,
@@ -267,7 +273,7 @@ impl From<crate::engine::EngineError> for RpcError {
             E::PaymentUnavailable => RpcError::PaymentUnavailable,
             E::Unavailable => RpcError::Unavailable,
             E::Internal(cause) => RpcError::Internal(cause),
-            E::NotOwner(_) => RpcError::Unavailable,
+            E::NotOwner(_) => RpcError::NotOwner,
             E::Relayed {
                 code,
                 message,

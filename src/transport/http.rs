@@ -33,13 +33,15 @@ pub async fn rpc(
     body: Bytes,
 ) -> Response {
     let services = Arc::clone(&app.services);
-    one_shot(&app, services, peer, &headers, &body).await
+    let bearer = authenticate(&app, &headers, None).await;
+    one_shot(&app, services, bearer, peer, &body).await
 }
 
 /// `POST /cluster/rpc`: a call another server of the cluster forwarded, on behalf of the
-/// user its token names, for an event it believes this server owns. It runs on this
-/// server's engine only: if the event is not owned here (any more), it answers
-/// `UNAVAILABLE` rather than forward again.
+/// user its token (a forwarded call's, see [`crate::auth::token::FORWARD_AUDIENCE`])
+/// names, for an event it believes this server owns. It runs on this server's engine
+/// only: if the event is not owned here (any more), it answers `UNAVAILABLE` with
+/// `data.not_owner: true` rather than forward again.
 pub async fn cluster_rpc(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -47,19 +49,20 @@ pub async fn cluster_rpc(
     body: Bytes,
 ) -> Response {
     let services = Arc::clone(&app.owner_services);
-    one_shot(&app, services, peer, &headers, &body).await
+    let bearer = super::authenticate_forwarded(&app, &headers);
+    one_shot(&app, services, bearer, peer, &body).await
 }
 
 async fn one_shot(
     app: &Arc<App>,
     services: Arc<crate::rpc::Services>,
+    bearer: Bearer,
     peer: SocketAddr,
-    headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
     let session = Arc::new(Session::new(Transport::Http, None));
     session.set_address(Arc::clone(&app.auth_limiter), peer.ip());
-    match authenticate(app, headers, None).await {
+    match bearer {
         Bearer::Absent => {}
         Bearer::Valid(principal) => session.bind(principal),
         Bearer::Refused(why) => session.refuse(why),

@@ -1083,6 +1083,31 @@ async fn notifications_cross_servers(cluster: &mut Cluster) {
         .ok(Some(&token_a), "reservations.list", json!({}))
         .await;
     assert_eq!(mine, json!({"reservations": []}));
+    // The route of forwarded calls takes only the tokens servers sign for them, and those
+    // tokens are good nowhere else.
+    let forwarded_route = node_b
+        .http
+        .post(node_b.url("/cluster/rpc"))
+        .bearer_auth(&token_a)
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "reservations.list", "params": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_error(&forwarded_route, 1001, "UNAUTHENTICATED");
+    let forwarded_token = Tokens::new(JWT_SECRET.as_bytes(), Duration::from_secs(60))
+        .issue_forwarded(
+            registered["user"]["id"].as_str().unwrap().parse().unwrap(),
+            Role::Customer,
+            SystemClock.now(),
+            Duration::from_secs(60),
+        );
+    let refused = node_c
+        .call(Some(&forwarded_token), "reservations.list", json!({}))
+        .await;
+    assert_error(&refused, 1001, "UNAUTHENTICATED");
 
     // Watchers: a WebSocket on C, a long-poll session on B.
     let mut watcher = node_c.ws(None).await;
@@ -1770,6 +1795,161 @@ async fn imported_events_reach_every_server(cluster: &mut Cluster) {
 async fn events_imported_beside_cluster_servers_are_served_by_every_server() {
     with_cluster(3, Duration::from_secs(600), |c| {
         Box::pin(imported_events_reach_every_server(c))
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. A takeover that outlasts a lease
+// ---------------------------------------------------------------------------------------
+
+async fn takeover_longer_than_a_lease(cluster: &mut Cluster) {
+    const CAPACITY: u64 = 1_000_000;
+    // More than the Redis expiry's queue holds (32,768): the takeover must not drop keys.
+    const PENDING: i64 = 40_000;
+    let (event_id, tts) = cluster
+        .create_event(0, &[(CAPACITY as u32, json!({"kind": "any"}))])
+        .await;
+    let tt = tts[0].clone();
+    let owner = cluster.owner(&event_id).await;
+    let survivor = 1 - owner;
+    let token = cluster.customers(1).await.remove(0);
+    let event = event_id.as_str().unwrap();
+
+    // Pending reservations stored straight in the database, as an owner with a busy
+    // on-sale behind it would leave them: the survivor must rebuild all of them.
+    let mut db = sqlx::PgConnection::connect(&cluster.db_url).await.unwrap();
+    let now = SystemClock.now().as_millis();
+    sqlx::query(
+        "INSERT INTO reservations \
+         (id, user_id, event_id, status, total_amount, currency, created_at, expires_at, updated_at) \
+         SELECT gen_random_uuid()::text, u.id, t.event_id, 'pending', t.price_amount, t.currency, \
+                $2, $3, $2 \
+         FROM generate_series(1, $4) AS g, ticket_types t, \
+              (SELECT id FROM users WHERE role = 'customer' LIMIT 1) AS u \
+         WHERE t.id = $1",
+    )
+    .bind(tt.as_str().unwrap())
+    .bind(now)
+    .bind(now + 600_000)
+    .bind(PENDING)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO reservation_items (reservation_id, ticket_type_id, position, quantity, unit_price) \
+         SELECT r.id, t.id, 0, 1, t.price_amount FROM reservations r, ticket_types t \
+         WHERE r.event_id = $1 AND t.id = $2",
+    )
+    .bind(event)
+    .bind(tt.as_str().unwrap())
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let epoch = |row: sqlx::postgres::PgRow| row.get::<i64, _>("epoch");
+    let epoch_query = "SELECT epoch FROM events WHERE id = $1";
+    let epoch_before = epoch(
+        sqlx::query(epoch_query)
+            .bind(event)
+            .fetch_one(&mut db)
+            .await
+            .unwrap(),
+    );
+    let takeovers = "ticket_api_cluster_takeovers_total";
+    let takeovers_before = cluster.metric_sum(&[survivor], takeovers).await;
+
+    // A lock on the reservations stalls the survivor's rebuild for longer than a lease.
+    let mut blocker = sqlx::PgConnection::connect(&cluster.db_url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE reservations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    cluster.kill(owner).await;
+    assert_eq!(cluster.new_owner(&event_id, owner).await, survivor);
+    // The stimulus, not a wait for a condition: the rebuild is held a lease and more.
+    tokio::time::sleep(LEASE + Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.owner_now(&event_id).await,
+        Some(survivor),
+        "the lease of an event being taken over is kept while the rebuild takes its time"
+    );
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    blocker.close().await.unwrap();
+
+    let node = cluster.node(survivor);
+    let (response, _) = until_not_unavailable(
+        &node,
+        &token,
+        "tickets.reserve",
+        reserve(&tt, 1),
+        TAKEOVER,
+        &mut Ledger::default(),
+    )
+    .await;
+    assert!(response["error"].is_null(), "reserve: {response}");
+    let (available, _) = node.pool(&event_id).await;
+    assert_eq!(available, CAPACITY - PENDING as u64 - 1);
+
+    // Every pending reservation is back under expiry: its Redis key is written again.
+    let sample: Vec<String> = sqlx::query(
+        "SELECT id FROM reservations WHERE event_id = $1 AND status = 'pending' \
+         ORDER BY random() LIMIT 20",
+    )
+    .bind(event)
+    .fetch_all(&mut db)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.get("id"))
+    .collect();
+    for id in &sample {
+        let key = format!("{}reservation:{id}", cluster.prefix);
+        poll_until(
+            Duration::from_secs(10),
+            &format!("the expiry key of {id}"),
+            || async {
+                let ttl: i64 = cluster.redis.pttl(&key).await.unwrap();
+                (ttl > 0).then_some(())
+            },
+        )
+        .await;
+    }
+
+    // Taken over once: another lease later, the epoch was bumped once and the survivor
+    // counts one takeover (a lapsed lease would have it give the event up and take it
+    // over again).
+    tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
+    let epoch_after = epoch(
+        sqlx::query(epoch_query)
+            .bind(event)
+            .fetch_one(&mut db)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        epoch_after,
+        epoch_before + 1,
+        "one takeover, one epoch bump"
+    );
+    let takeovers_after = cluster.metric_sum(&[survivor], takeovers).await;
+    assert_eq!(takeovers_after, takeovers_before + 1.0);
+    assert_eq!(cluster.owner_now(&event_id).await, Some(survivor));
+    db.close().await.unwrap();
+    let log = std::fs::read_to_string(cluster.log(cluster.nodes[survivor].id)).unwrap();
+    assert!(
+        !log.contains("queue full"),
+        "the takeover overflowed the expiry queue"
+    );
+}
+
+/// The survivor's rebuild of an event with 40,000 pending reservations is stalled for
+/// longer than a lease: it keeps the lease meanwhile, takes the event over once, and puts
+/// every pending reservation back under expiry without overflowing the Redis key queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_longer_than_a_lease_keeps_the_lease_and_happens_once() {
+    with_cluster(2, Duration::from_secs(600), |c| {
+        Box::pin(takeover_longer_than_a_lease(c))
     })
     .await;
 }
