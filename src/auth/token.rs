@@ -17,6 +17,9 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// A forwarded call's only: the idempotency key the forwarding server made for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// The audience of a forwarded call's token. Such a token is accepted by `/cluster/rpc`
@@ -40,6 +43,9 @@ pub struct Verified {
     pub user_id: UserId,
     pub role: Role,
     pub expires_at: Timestamp,
+    /// A forwarded call's only: the idempotency key the forwarding server made for it, so
+    /// fresh that no earlier call can have stored it.
+    pub fresh_key: Option<String>,
 }
 
 /// Issues and verifies tokens with one secret.
@@ -78,37 +84,42 @@ impl Tokens {
         now: Timestamp,
         ttl: Duration,
     ) -> (String, Timestamp) {
-        self.sign(user_id, role, now, ttl, None)
+        let expires_at = now.saturating_add(ttl);
+        self.sign(&Claims {
+            sub: user_id.to_string(),
+            role: role.as_str().to_owned(),
+            iat: now.as_millis() / 1000,
+            exp: expires_at.as_millis() / 1000,
+            aud: None,
+            key: None,
+        })
     }
 
-    /// The token of a call forwarded to another cluster server, valid from `now` for `ttl`.
+    /// The token of a call forwarded to another cluster server, valid from `now` for `ttl`;
+    /// `fresh_key` is the idempotency key the forwarding server made for the call, if it
+    /// made one.
     pub fn issue_forwarded(
         &self,
         user_id: UserId,
         role: Role,
         now: Timestamp,
         ttl: Duration,
+        fresh_key: Option<&str>,
     ) -> String {
-        self.sign(user_id, role, now, ttl, Some(FORWARD_AUDIENCE)).0
-    }
-
-    fn sign(
-        &self,
-        user_id: UserId,
-        role: Role,
-        now: Timestamp,
-        ttl: Duration,
-        audience: Option<&str>,
-    ) -> (String, Timestamp) {
         let expires_at = now.saturating_add(ttl);
         let claims = Claims {
             sub: user_id.to_string(),
             role: role.as_str().to_owned(),
             iat: now.as_millis() / 1000,
             exp: expires_at.as_millis() / 1000,
-            aud: audience.map(str::to_owned),
+            aud: Some(FORWARD_AUDIENCE.to_owned()),
+            key: fresh_key.map(str::to_owned),
         };
-        let token = encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        self.sign(&claims).0
+    }
+
+    fn sign(&self, claims: &Claims) -> (String, Timestamp) {
+        let token = encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
             .expect("HS256 signing cannot fail");
         (token, Timestamp::from_millis(claims.exp * 1000))
     }
@@ -152,6 +163,7 @@ impl Tokens {
             user_id,
             role,
             expires_at,
+            fresh_key: claims.key,
         })
     }
 }
@@ -181,9 +193,10 @@ mod tests {
         let t = tokens("s3cret-s3cret-s3cret-s3cret-s3cret");
         let user = UserId::new();
         let ttl = Duration::from_secs(60);
-        let forwarded = t.issue_forwarded(user, Role::Customer, NOW, ttl);
+        let forwarded = t.issue_forwarded(user, Role::Customer, NOW, ttl, Some("fwd-1"));
         let verified = t.verify_forwarded(&forwarded, NOW).unwrap();
         assert_eq!((verified.user_id, verified.role), (user, Role::Customer));
+        assert_eq!(verified.fresh_key.as_deref(), Some("fwd-1"));
         assert_eq!(t.verify(&forwarded, NOW), Err(TokenError::Invalid));
         let (client, _) = t.issue(user, Role::Customer, NOW);
         assert_eq!(t.verify_forwarded(&client, NOW), Err(TokenError::Invalid));

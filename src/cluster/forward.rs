@@ -92,6 +92,20 @@ enum Settlement {
     Cancel(ReservationId),
 }
 
+impl Settlement {
+    /// The idempotency key made for the forward, if one was.
+    fn fresh_key(&self) -> Option<&str> {
+        match self {
+            Settlement::Key {
+                key,
+                params_hash: None,
+                ..
+            } => Some(key),
+            _ => None,
+        }
+    }
+}
+
 impl Routed {
     pub fn new(
         engine: Arc<Engine>,
@@ -163,7 +177,14 @@ impl Routed {
             // Redis or the owner may hang rather than fail: the deadline holds regardless.
             let forwarded = tokio::time::timeout_at(
                 deadline,
-                self.forward(event, user, method, &params, deadline),
+                self.forward(
+                    event,
+                    user,
+                    method,
+                    &params,
+                    settlement.fresh_key(),
+                    deadline,
+                ),
             )
             .await
             .unwrap_or(Attempt::Unanswered);
@@ -244,11 +265,17 @@ impl Routed {
         user: UserId,
         method: &'static str,
         params: &Value,
+        fresh_key: Option<&str>,
         deadline: Instant,
     ) -> Attempt {
-        let token = self
-            .tokens
-            .issue_forwarded(user, Role::Customer, self.clock.now(), TOKEN_TTL);
+        // A key made here is named in the token: the owner then does not look it up.
+        let token = self.tokens.issue_forwarded(
+            user,
+            Role::Customer,
+            self.clock.now(),
+            TOKEN_TTL,
+            fresh_key,
+        );
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         loop {
             let address = match self.owner_of(event).await {

@@ -21,6 +21,10 @@ pub struct KeyedCall<'a, T> {
     pub params_hash: String,
     /// The result as it is stored and replayed (the wire form).
     pub render: &'a (dyn Fn(&T) -> String + Send + Sync),
+    /// Made for this very call (a forwarded one's, by the forwarding server): nothing can
+    /// have stored it, so it is not looked up. Its commit stores it, and is refused should
+    /// the key be taken meanwhile.
+    pub fresh: bool,
 }
 
 impl<T> Clone for KeyedCall<'_, T> {
@@ -30,6 +34,7 @@ impl<T> Clone for KeyedCall<'_, T> {
             key: self.key,
             params_hash: self.params_hash.clone(),
             render: self.render,
+            fresh: self.fresh,
         }
     }
 }
@@ -91,10 +96,12 @@ impl IdempotencyKeys {
             lock: Some(lock),
         };
         let call = guard.call.as_ref().expect("set above");
-        guard.stored = self
-            .store
-            .idempotency(user, call.method, call.key.as_str(), now)
-            .await?;
+        if !call.fresh {
+            guard.stored = self
+                .store
+                .idempotency(user, call.method, call.key.as_str(), now)
+                .await?;
+        }
         Ok(guard)
     }
 }

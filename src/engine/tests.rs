@@ -105,6 +105,13 @@ impl Commits for Database {
             Outcome::Fail => return Err(WriteError::Failed("connection reset".into())),
             Outcome::QueueFull => return Err(WriteError::QueueFull),
         }
+        // As the store does: a key already stored fails the change with it.
+        if let Some(record) = &idempotency {
+            let key = (record.user_id, record.method.to_owned(), record.key.clone());
+            if self.keys.lock().unwrap().contains_key(&key) {
+                return Err(WriteError::Failed("the key is in use".into()));
+            }
+        }
         {
             let mut reservations = self.reservations.lock().unwrap();
             match &change {
@@ -533,6 +540,7 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
         key: &key,
         params_hash: params_hash(&format!("{quantity}")),
         render: &render,
+        fresh: false,
     };
     let Answer::Fresh(first) = s
         .engine
@@ -562,6 +570,50 @@ async fn a_key_replays_the_first_result_and_refuses_other_params() {
         .unwrap();
     assert!(matches!(stranger, Answer::Fresh(_)));
     assert_eq!(s.available(), 6);
+}
+
+/// A key made for a forwarded call is not looked up; should a settlement have taken it
+/// meanwhile, the commit that would store it is refused and takes nothing.
+#[tokio::test]
+async fn a_fresh_key_is_not_looked_up_and_a_taken_one_refuses_its_commit() {
+    let s = setup(10);
+    let user = UserId::new();
+    let key = IdempotencyKey::parse("fwd-1".into()).unwrap();
+    let call = KeyedCall {
+        method: "tickets.reserve",
+        key: &key,
+        params_hash: params_hash("2"),
+        render: &render,
+        fresh: true,
+    };
+    let claimed = s
+        .database
+        .claim_idempotency_key(user, "tickets.reserve", "fwd-1", Timestamp::from_millis(0))
+        .await
+        .unwrap();
+    assert!(claimed.is_none());
+    let refused = s.engine.reserve(user, s.items(2), Some(call.clone())).await;
+    assert!(
+        matches!(refused, Err(EngineError::Unavailable)),
+        "{refused:?}"
+    );
+    assert_eq!(s.available(), 10, "nothing taken");
+    // A fresh key nobody took commits with its call.
+    let other = IdempotencyKey::parse("fwd-2".into()).unwrap();
+    let fresh = s
+        .engine
+        .reserve(
+            user,
+            s.items(2),
+            Some(KeyedCall {
+                key: &other,
+                ..call
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(fresh, Answer::Fresh(_)));
+    assert_eq!(s.available(), 8);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -423,6 +423,7 @@ mod tests {
                 .clock
                 .now()
                 .saturating_add(std::time::Duration::from_secs(60)),
+            fresh_key: None,
         });
         let text = r#"{"jsonrpc":"2.0","id":2,"method":"admin.events.create","params":{}}"#;
         assert_eq!(

@@ -45,6 +45,10 @@ pub struct Principal {
     pub user: User,
     /// When the token that bound it expires; calls after that need a new login.
     pub expires_at: Timestamp,
+    /// On a call another cluster server forwarded: the idempotency key that server made
+    /// for it. Being fresh, it is not looked up before the call runs; its commit, which
+    /// stores it, would be refused if it were taken meanwhile.
+    pub fresh_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -39,7 +39,11 @@ pub async fn authenticate(app: &App, headers: &HeaderMap, fallback: Option<&str>
         },
     };
     match app.services.accounts.verify(token).await {
-        Ok((user, expires_at)) => Bearer::Valid(Principal { user, expires_at }),
+        Ok((user, expires_at)) => Bearer::Valid(Principal {
+            user,
+            expires_at,
+            fresh_key: None,
+        }),
         Err(AccountError::Refused(why)) => Bearer::Refused(why),
         Err(_) => Bearer::Unverifiable,
     }
@@ -63,6 +67,7 @@ pub fn authenticate_forwarded(app: &App, headers: &HeaderMap) -> Bearer {
                 role: verified.role,
             },
             expires_at: verified.expires_at,
+            fresh_key: verified.fresh_key,
         }),
         Err(TokenError::Expired) => Bearer::Refused(AuthFailure::Expired),
         Err(TokenError::Invalid) => Bearer::Refused(AuthFailure::Invalid),

@@ -1103,6 +1103,7 @@ async fn notifications_cross_servers(cluster: &mut Cluster) {
             Role::Customer,
             SystemClock.now(),
             Duration::from_secs(60),
+            None,
         );
     let refused = node_c
         .call(Some(&forwarded_token), "reservations.list", json!({}))

@@ -48,6 +48,7 @@ fn bind(ctx: &Ctx, signed_in: SignedIn) -> AuthResult {
     ctx.session.bind(Principal {
         user: signed_in.user,
         expires_at: signed_in.expires_at,
+        fresh_key: None,
     });
     result
 }
@@ -80,7 +81,11 @@ async fn authenticate(ctx: Ctx, params: TokenParams) -> Result<UserResult, RpcEr
     let result = UserResult {
         user: UserJson::from(&user),
     };
-    ctx.session.bind(Principal { user, expires_at });
+    ctx.session.bind(Principal {
+        user,
+        expires_at,
+        fresh_key: None,
+    });
     Ok(result)
 }
 

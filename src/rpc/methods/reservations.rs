@@ -13,8 +13,8 @@ use crate::engine::Paid;
 use crate::rpc::dispatch::{Access, Methods};
 use crate::rpc::error::item_field;
 use crate::rpc::methods::parse_id;
-use crate::rpc::Ctx;
 use crate::rpc::RpcError;
+use crate::rpc::{Ctx, Principal};
 use crate::shapes::{MoneyJson, ReservationJson};
 
 pub fn register(methods: &mut Methods) {
@@ -83,8 +83,15 @@ fn reservation_text(reservation: &Reservation) -> String {
     serde_json::to_string(&ReservationJson::from(reservation)).expect("serializable")
 }
 
+/// Whether `key` is the one a forwarding server made for this very call (see
+/// [`crate::rpc::Principal::fresh_key`]).
+fn is_fresh(principal: &Principal, key: &IdempotencyKey) -> bool {
+    principal.fresh_key.as_deref() == Some(key.as_str())
+}
+
 async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
-    let user = ctx.session.user_id(ctx.services.clock.now())?;
+    let principal = ctx.session.principal(ctx.services.clock.now())?;
+    let user = principal.user.id;
     let idempotency_key = key_param(params.idempotency_key)?;
     // Shape first (INVALID_PARAMS; a malformed id is NOT_FOUND), then, in the engine,
     // which ticket types exist (NOT_FOUND).
@@ -100,6 +107,7 @@ async fn reserve(ctx: Ctx, params: ReserveParams) -> Result<Value, RpcError> {
         key,
         params_hash: params_hash(&canonical),
         render: &render,
+        fresh: is_fresh(&principal, key),
     });
     let reservation = ctx.services.reservations.reserve(user, items, key).await?;
     to_wire(reservation, |r| ReservationJson::from(r))
@@ -191,7 +199,8 @@ impl From<&Paid> for PayResult {
 }
 
 async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
-    let user = ctx.session.user_id(ctx.services.clock.now())?;
+    let principal = ctx.session.principal(ctx.services.clock.now())?;
+    let user = principal.user.id;
     let idempotency_key = key_param(params.idempotency_key)?;
     let payment_token = PaymentToken::parse(params.payment_token)
         .map_err(|why| RpcError::invalid_params("payment_token", why.to_string()))?;
@@ -203,6 +212,7 @@ async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
         key,
         params_hash: params_hash(&canonical),
         render: &render,
+        fresh: is_fresh(&principal, key),
     });
     let paid = ctx
         .services
