@@ -97,7 +97,8 @@ impl Relay {
     }
 
     fn send(&self, message: Outgoing) {
-        if self.outgoing.try_send(message).is_err() {
+        // Closed: the publisher has stopped (shutting down); nothing more goes out.
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.outgoing.try_send(message) {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(
