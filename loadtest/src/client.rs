@@ -3,14 +3,14 @@
 //!
 //! Every target is a loopback address: [`Target::parse`] refuses anything else.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Url;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -27,7 +27,7 @@ pub fn light_ws_config() -> WebSocketConfig {
 }
 
 /// The server under test: a base URL whose host is a loopback address.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     base: Url,
 }
@@ -72,6 +72,18 @@ impl Target {
         url
     }
 
+    /// The socket address to connect to: the host as an IP address (`localhost` is
+    /// 127.0.0.1) and the port.
+    pub fn socket_addr(&self) -> SocketAddr {
+        let host = self.base.host_str().unwrap_or("127.0.0.1");
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        SocketAddr::new(ip, self.base.port_or_known_default().unwrap_or(80))
+    }
+
     /// `host:port`, for a raw TCP connection.
     pub fn authority(&self) -> String {
         format!(
@@ -98,6 +110,82 @@ fn is_loopback_host(host: &str) -> bool {
         Ok(IpAddr::V6(ip)) => ip.is_loopback(),
         Err(_) => false,
     }
+}
+
+/// Most loopback source addresses connections can be spread over (127.0.0.1 …
+/// 127.0.0.254).
+pub const MAX_SOURCE_ADDRESSES: u32 = 254;
+
+/// The source address of connection `slot` when connections are spread over `count`
+/// loopback addresses, 127.0.0.1 … 127.0.0.`count`, round robin; `None` (the kernel
+/// chooses, as for any connect) when `count` is 1. Each source address has its own range
+/// of ephemeral ports (`net.ipv4.ip_local_port_range`, ~28,000 by default): a connection
+/// bound before it connects takes a port of that range for good, so tens of thousands of
+/// connections need several addresses.
+pub fn source_address(slot: usize, count: u32) -> Option<IpAddr> {
+    if count <= 1 {
+        return None;
+    }
+    let host = 1 + (slot % count.min(MAX_SOURCE_ADDRESSES) as usize) as u8;
+    Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)))
+}
+
+/// Refuses `--source-addresses` the targets cannot take: more than 254, or more than one
+/// with a target that is not an IPv4 address (an IPv4 source cannot reach `[::1]`).
+pub fn check_source_addresses(count: u32, targets: &[&Target]) -> Result<(), String> {
+    if count == 0 || count > MAX_SOURCE_ADDRESSES {
+        return Err(format!(
+            "--source-addresses {count}: from 1 to {MAX_SOURCE_ADDRESSES}"
+        ));
+    }
+    if count > 1 {
+        if let Some(t) = targets.iter().find(|t| !t.socket_addr().is_ipv4()) {
+            return Err(format!(
+                "--source-addresses {count} binds 127.0.0.x, which cannot reach {t}: use an IPv4 loopback URL"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opens a WebSocket at `url` (a [`Target::ws`] URL of `target`), bound first to `source`
+/// when given (see [`source_address`]), Nagle off.
+pub async fn connect_ws_from(
+    target: &Target,
+    url: &Url,
+    source: Option<IpAddr>,
+    config: Option<WebSocketConfig>,
+) -> Result<WsStream, String> {
+    let Some(source) = source else {
+        return WsRpc::connect_with(url, config)
+            .await
+            .map(WsRpc::into_stream);
+    };
+    let addr = target.socket_addr();
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let stream = socket
+        .connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr} from {source}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url.as_str(),
+        MaybeTlsStream::Plain(stream),
+        config,
+    )
+    .await
+    .map_err(|e| format!("connect {} from {source}: {e}", redact(url)))?;
+    Ok(ws)
 }
 
 /// A JSON-RPC error object as answered by the server.
@@ -206,6 +294,11 @@ impl HttpRpc {
         Self { client, target }
     }
 
+    /// The server this client talks to.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
     pub async fn call(
         &self,
         method: &str,
@@ -296,11 +389,29 @@ impl HttpRpc {
 /// Sends `GET /lp/{session}?cursor=0` on a connection of its own and returns that
 /// connection without reading the answer: the poll stays pending on the server (up to its
 /// poll timeout) for as long as the connection is held.
-pub async fn pending_long_poll(target: &Target, session: &str) -> Result<TcpStream, String> {
+pub async fn pending_long_poll(
+    target: &Target,
+    session: &str,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, String> {
     let authority = target.authority();
-    let mut stream = TcpStream::connect(&authority)
-        .await
-        .map_err(|e| format!("connect {authority}: {e}"))?;
+    let mut stream = match source {
+        None => TcpStream::connect(&authority).await,
+        Some(source) => {
+            let addr = target.socket_addr();
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+            .map_err(|e| format!("socket: {e}"))?;
+            socket
+                .bind(SocketAddr::new(source, 0))
+                .map_err(|e| format!("bind {source}: {e}"))?;
+            socket.connect(addr).await
+        }
+    }
+    .map_err(|e| format!("connect {authority}: {e}"))?;
     let request =
         format!("GET /lp/{session}?cursor=0 HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n");
     stream
@@ -321,6 +432,17 @@ impl WsRpc {
     /// Opens `ws://…/ws?token=…`. The caller bounds the time with a timeout.
     pub async fn connect(url: &Url) -> Result<Self, String> {
         Self::connect_with(url, None).await
+    }
+
+    /// As [`WsRpc::connect_with`], bound first to `source` (see [`connect_ws_from`]).
+    pub async fn connect_from(
+        target: &Target,
+        url: &Url,
+        source: Option<IpAddr>,
+        config: Option<WebSocketConfig>,
+    ) -> Result<Self, String> {
+        let stream = connect_ws_from(target, url, source, config).await?;
+        Ok(Self { stream, next_id: 1 })
     }
 
     /// As [`WsRpc::connect`], with a WebSocket configuration (e.g. [`light_ws_config`]).
@@ -459,6 +581,35 @@ mod tests {
             "ws://127.0.0.1:4000/ws?token=a.b.c"
         );
         assert_eq!(target.to_string(), "http://127.0.0.1:4000");
+    }
+
+    #[test]
+    fn source_addresses_go_round_robin_over_127_0_0_x() {
+        assert_eq!(source_address(0, 1), None);
+        assert_eq!(source_address(5, 1), None);
+        let ip = |d| Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, d)));
+        assert_eq!(source_address(0, 4), ip(1));
+        assert_eq!(source_address(3, 4), ip(4));
+        assert_eq!(source_address(4, 4), ip(1));
+        assert_eq!(source_address(253, 254), ip(254));
+        assert_eq!(source_address(254, 254), ip(1));
+    }
+
+    #[test]
+    fn source_addresses_need_ipv4_targets_and_at_most_254() {
+        let v4 = Target::parse("http://127.0.0.1:4000").unwrap();
+        let named = Target::parse("http://localhost:4000").unwrap();
+        let v6 = Target::parse("http://[::1]:4000").unwrap();
+        assert!(check_source_addresses(8, &[&v4, &named]).is_ok());
+        assert!(check_source_addresses(1, &[&v6]).is_ok());
+        let e = check_source_addresses(2, &[&v4, &v6]).unwrap_err();
+        assert!(e.contains("[::1]"), "{e}");
+        assert!(check_source_addresses(0, &[&v4]).is_err());
+        assert!(check_source_addresses(255, &[&v4]).is_err());
+        assert_eq!(
+            named.socket_addr(),
+            "127.0.0.1:4000".parse::<SocketAddr>().unwrap()
+        );
     }
 
     #[test]

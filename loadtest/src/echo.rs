@@ -138,6 +138,7 @@ pub async fn run(args: &EchoArgs) -> Result<ReserveReport, SetupError> {
         duration: args.duration,
         rate: args.rate,
         cpu: args.cpu.clone(),
+        idempotency_keys: None,
     })
     .await?;
     let t = &outcome.tally;
@@ -149,6 +150,8 @@ pub async fn run(args: &EchoArgs) -> Result<ReserveReport, SetupError> {
         quantity: 1,
         capacity: 0,
         ticket_types: 1,
+        existing_event: None,
+        idempotency_keys: false,
         offered_rate: args.rate,
         duration_s: args.duration.as_secs_f64(),
         max_requests: args.max_requests,

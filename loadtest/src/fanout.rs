@@ -18,9 +18,17 @@
 //!
 //! Bounded: at most M reservations and at most `--max-duration` for them, then at most
 //! `--settle` for the last updates to arrive; then every connection is closed.
+//!
+//! Several servers (cluster mode): the subscribers spread over the `--subscriber-url`s,
+//! round robin, while the event is created and reserved through `--url`. Many subscribers:
+//! `--source-addresses N` binds them to 127.0.0.1 … 127.0.0.N (each address has its own
+//! ephemeral ports), and `--subscribers-per-process` hands them to helper processes
+//! ([`crate::fanout_processes`]) when one process may not open that many files.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +43,11 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{light_ws_config, CallError, HttpRpc, Target, WsRpc, WsStream};
+use crate::client::{
+    check_source_addresses, light_ws_config, source_address, CallError, HttpRpc, Target, WsRpc,
+    WsStream, MAX_SOURCE_ADDRESSES,
+};
+use crate::fanout_processes;
 use crate::limits;
 use crate::report::{new_histogram, Latency};
 use crate::reserve::{create_hot_event, parse_duration, run_id, string_at, ticket_type_count};
@@ -44,9 +56,27 @@ use crate::Failure;
 /// Flags of `loadgen fanout`.
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
-    /// Server base URL; must be a loopback address (127.0.0.0/8, localhost, [::1]).
+    /// Server base URL; must be a loopback address (127.0.0.0/8, localhost, [::1]). The
+    /// event is created, and the reservations made, through it.
     #[arg(long, default_value = "http://127.0.0.1:4000", value_parser = Target::parse)]
     pub url: Target,
+
+    /// A server the subscribers connect to (repeatable: they spread over all of them,
+    /// round robin); default `--url`.
+    #[arg(long = "subscriber-url", value_parser = Target::parse)]
+    pub subscriber_urls: Vec<Target>,
+
+    /// Spread the subscribers over this many loopback source addresses, 127.0.0.1 …
+    /// 127.0.0.N, round robin, each connection bound before it connects (each address has
+    /// its own ~28,000 ephemeral ports). 1: no bind.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_SOURCE_ADDRESSES as i64))]
+    pub source_addresses: u32,
+
+    /// Most subscribers one process holds: above it, helper processes (this program,
+    /// started by it) hold them and report what they received at the end. Each process
+    /// needs an open file per subscriber.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub subscribers_per_process: Option<u32>,
 
     /// WebSocket connections subscribed to the event (no login). Run the server with
     /// `--max-connections` above this.
@@ -111,23 +141,39 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     Ok(rate)
 }
 
+impl FanoutArgs {
+    /// The servers the subscribers connect to.
+    pub fn subscriber_urls(&self) -> Vec<Target> {
+        if self.subscriber_urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.subscriber_urls.clone()
+        }
+    }
+}
+
 /// What one subscriber saw.
-#[derive(Debug, Default)]
-struct Receipts {
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Receipts {
     /// The version `pool.subscribe` reported.
-    initial: u64,
+    pub initial: u64,
     /// Updates that carried a newer version: (version, arrival), in arrival order.
-    received: Vec<(u64, Instant)>,
+    pub received: Vec<(u64, Instant)>,
     /// Updates whose version was not newer than the one held (ignored, as a client does).
-    stale: u64,
+    pub stale: u64,
     /// Set when the connection ended before the run did (e.g. closed 1008 by the server).
-    lost: Option<String>,
+    pub lost: Option<String>,
 }
 
 /// Everything `loadgen fanout` measured.
 #[derive(Debug, Clone)]
 pub struct FanoutReport {
     pub url: String,
+    pub subscriber_urls: Vec<String>,
+    pub event_id: String,
+    /// Processes holding the subscribers (1: this one).
+    pub processes: usize,
+    pub source_addresses: u32,
     pub subscribers: usize,
     pub rate: f64,
     pub connect_s: f64,
@@ -156,6 +202,9 @@ pub struct FanoutReport {
     pub stale: u64,
     /// Received updates whose version no acknowledged reservation produced.
     pub unattributed: u64,
+    /// Updates carrying a version not after the one before the first reservation: changes
+    /// made before the run (a server taking the new event over, say), not counted above.
+    pub early: u64,
     /// Received updates that arrived before the reserver's answer (counted as 0 ms).
     pub before_ack: u64,
     /// Subscribers whose connection ended early, and the first reason.
@@ -191,6 +240,14 @@ impl FanoutReport {
             "fanout: {} subscribers against {}, {} reservations at {}/s",
             self.subscribers, self.url, self.reservations, self.rate
         );
+        if self.subscriber_urls.len() > 1 || self.processes > 1 || self.source_addresses > 1 {
+            println!(
+                "  subscribers spread over {} (round robin), held by {} process(es), from {} source address(es)",
+                self.subscriber_urls.join(", "),
+                self.processes,
+                self.source_addresses
+            );
+        }
         println!(
             "  subscribers connected and subscribed in {:.2} s",
             self.connect_s
@@ -228,14 +285,15 @@ impl FanoutReport {
             l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
         );
         println!(
-            "  updates: {} received, {} versions coalesced ({:.1} %), {} missing at the end, {} stale, {} unattributed, {} before the answer",
+            "  updates: {} received, {} versions coalesced ({:.1} %), {} missing at the end, {} stale, {} unattributed, {} before the answer, {} from before the first reservation",
             self.received,
             self.coalesced,
             100.0 * self.coalesced_fraction(),
             self.missing,
             self.stale,
             self.unattributed,
-            self.before_ack
+            self.before_ack,
+            self.early
         );
         match self.settled_s {
             Some(s) => println!(
@@ -258,6 +316,10 @@ impl FanoutReport {
         json!({
             "tool": "loadgen fanout",
             "url": self.url,
+            "subscriber_urls": self.subscriber_urls,
+            "event_id": self.event_id,
+            "processes": self.processes,
+            "source_addresses": self.source_addresses,
             "subscribers": self.subscribers,
             "rate_per_s": self.rate,
             "connect_s": self.connect_s,
@@ -278,6 +340,7 @@ impl FanoutReport {
             "missing": self.missing,
             "stale": self.stale,
             "unattributed": self.unattributed,
+            "early": self.early,
             "before_ack": self.before_ack,
             "lost_subscribers": self.lost_subscribers,
             "settled_s": self.settled_s,
@@ -294,119 +357,102 @@ struct Fixture {
 }
 
 pub async fn run(args: &FanoutArgs) -> Result<FanoutReport, Failure> {
-    limits::ensure_fds_for(u64::from(args.subscribers), "subscriber connections")
-        .map_err(Failure::Flags)?;
+    let n = args.subscribers as usize;
+    let processes = process_plan(args.subscribers, args.subscribers_per_process);
+    let per_process = processes.iter().map(|r| r.len()).max().unwrap_or(0) as u64;
+    let what = if processes.len() > 1 {
+        "subscriber connections in one helper process (--subscribers-per-process)"
+    } else {
+        "subscriber connections"
+    };
+    limits::ensure_fds_for(per_process, what).map_err(Failure::Flags)?;
     if args.capacity < u64::from(args.reservations) {
         return Err(Failure::Flags(format!(
             "--capacity {} is below --reservations {}",
             args.capacity, args.reservations
         )));
     }
+    let subscriber_urls = args.subscriber_urls();
+    check_source_addresses(
+        args.source_addresses,
+        &subscriber_urls.iter().collect::<Vec<_>>(),
+    )
+    .map_err(Failure::Flags)?;
     let http = HttpRpc::new(args.url.clone(), args.call_timeout);
     let fixture = setup(args, &http).await.map_err(Failure::Setup)?;
-    let ticket_type: Arc<str> = Arc::from(fixture.ticket_type_id.as_str());
+    let plan = Subscribe {
+        urls: Arc::new(subscriber_urls.clone()),
+        event_id: Arc::from(fixture.event_id.as_str()),
+        ticket_type: Arc::from(fixture.ticket_type_id.as_str()),
+        source_addresses: args.source_addresses,
+        connect_concurrency: args.connect_concurrency as usize,
+        call_timeout: args.call_timeout,
+    };
 
-    // Subscribers: each one's latest version, so the end of the run can be seen.
-    let n = args.subscribers as usize;
-    let latest: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    eprintln!(
-        "connecting {n} subscribers, {} at a time…",
-        args.connect_concurrency
-    );
     let connect_started = Instant::now();
-    let url = args.url.ws(None);
-    let call_timeout = args.call_timeout;
-    let opened: Vec<Result<JoinHandle<Receipts>, String>> = stream::iter(0..n)
-        .map(|i| {
-            let url = url.clone();
-            let event_id = fixture.event_id.clone();
-            let ticket_type = Arc::clone(&ticket_type);
-            let latest = Arc::clone(&latest);
-            let stop = stop_rx.clone();
-            async move {
-                let (ws, initial) =
-                    open_subscriber(&url, &event_id, &ticket_type, call_timeout).await?;
-                latest[i].store(initial, Ordering::SeqCst);
-                Ok(tokio::spawn(subscriber(
-                    ws,
-                    ticket_type,
-                    initial,
-                    latest,
-                    i,
-                    stop,
-                )))
+    let (outcome, receipts) = if processes.len() > 1 {
+        eprintln!(
+            "connecting {n} subscribers in {} helper processes over {} server(s) from {} source address(es)…",
+            processes.len(),
+            subscriber_urls.len(),
+            args.source_addresses
+        );
+        let mut helpers = fanout_processes::spawn(args, &plan, &processes)
+            .await
+            .map_err(Failure::Setup)?;
+        let connect_s = connect_started.elapsed().as_secs_f64();
+        eprintln!("{n} subscribers ready in {connect_s:.2} s");
+        let outcome = reserve_on_own_thread(args, &fixture)
+            .await
+            .map_err(Failure::Setup)?;
+        let receipts = fanout_processes::collect(&mut helpers, outcome.final_version, args.settle)
+            .await
+            .map_err(Failure::Setup)?;
+        ((outcome, connect_s), receipts)
+    } else {
+        eprintln!(
+            "connecting {n} subscribers over {} server(s), {} at a time…",
+            subscriber_urls.len(),
+            args.connect_concurrency
+        );
+        let held = plan.open(0..n).await.map_err(Failure::Setup)?;
+        let connect_s = connect_started.elapsed().as_secs_f64();
+        eprintln!("{n} subscribers ready in {connect_s:.2} s");
+        let outcome = match reserve_on_own_thread(args, &fixture).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let _ = held.stop().await;
+                return Err(Failure::Setup(e));
             }
-        })
-        .buffer_unordered(args.connect_concurrency as usize)
-        .collect()
-        .await;
-    let connect_s = connect_started.elapsed().as_secs_f64();
-    let mut tasks = Vec::with_capacity(n);
-    let mut failures = Vec::new();
-    for result in opened {
-        match result {
-            Ok(task) => tasks.push(task),
-            Err(e) => failures.push(e),
-        }
-    }
-    if !failures.is_empty() {
-        let _ = stop_tx.send(true);
-        for task in tasks {
-            let _ = task.await;
-        }
-        return Err(Failure::Setup(format!(
-            "{} of {n} subscribers could not connect and subscribe; first: {}",
-            failures.len(),
-            failures[0]
-        )));
-    }
-    eprintln!("{n} subscribers ready in {connect_s:.2} s");
-
-    let outcome = match reserve_on_own_thread(args, &fixture).await {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            let _ = stop_tx.send(true);
-            for task in tasks {
-                let _ = task.await;
-            }
-            return Err(Failure::Setup(e));
-        }
-    };
-
-    // Settle: wait (bounded) until every subscriber holds the final version.
-    let settle_started = Instant::now();
-    let settle_deadline = settle_started + args.settle;
-    let settled_s = loop {
-        let behind = latest
-            .iter()
-            .filter(|v| v.load(Ordering::SeqCst) < outcome.final_version)
-            .count();
-        if behind == 0 {
-            break Some(
-                outcome
-                    .last_ack
-                    .map_or(0.0, |at| at.elapsed().as_secs_f64()),
-            );
-        }
-        if Instant::now() >= settle_deadline || tasks.iter().all(JoinHandle::is_finished) {
+        };
+        // Settle: wait (bounded) until every subscriber holds the final version.
+        let behind = held
+            .wait_for(outcome.final_version, Instant::now() + args.settle)
+            .await;
+        if behind > 0 {
             eprintln!("{behind} subscribers did not reach the final version within --settle");
-            break None;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let receipts = held.stop().await.map_err(Failure::Setup)?;
+        ((outcome, connect_s), receipts)
     };
-    let _ = stop_tx.send(true);
-    let mut receipts = Vec::with_capacity(n);
-    for task in tasks {
-        match task.await {
-            Ok(r) => receipts.push(r),
-            Err(e) => return Err(Failure::Setup(format!("a subscriber task failed: {e}"))),
-        }
-    }
+    let (outcome, connect_s) = outcome;
+    let settled_s = match settled_at(&receipts, outcome.final_version) {
+        Settled::Never => None,
+        Settled::FromTheStart => Some(0.0),
+        Settled::At(at) => Some(
+            outcome
+                .last_ack
+                .map_or(0.0, |ack| at.saturating_duration_since(ack).as_secs_f64()),
+        ),
+    };
 
     let tally = tally(&receipts, &outcome, n);
     Ok(FanoutReport {
         url: args.url.to_string(),
+        subscriber_urls: subscriber_urls.iter().map(Target::to_string).collect(),
+        event_id: fixture.event_id.clone(),
+        processes: processes.len(),
+        source_addresses: args.source_addresses,
         subscribers: n,
         rate: args.rate,
         connect_s,
@@ -425,11 +471,173 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutReport, Failure> {
         missing: tally.missing,
         stale: tally.stale,
         unattributed: tally.unattributed,
+        early: tally.early,
         before_ack: tally.before_ack,
         lost_subscribers: tally.lost,
         first_loss: tally.first_loss,
         settled_s,
     })
+}
+
+/// The slots (subscriber indexes) each process holds: one process for all of them, or,
+/// with `per_process` below the count, consecutive ranges of at most `per_process`, each
+/// held by a helper process.
+pub(crate) fn process_plan(subscribers: u32, per_process: Option<u32>) -> Vec<Range<usize>> {
+    let n = subscribers as usize;
+    let per = match per_process {
+        Some(per) if (per as usize) < n => per.max(1) as usize,
+        _ => {
+            let all = 0..n;
+            return vec![all];
+        }
+    };
+    (0..n.div_ceil(per))
+        .map(|k| k * per..((k + 1) * per).min(n))
+        .collect()
+}
+
+/// When every subscriber held the final version (or a newer one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Some subscriber never did.
+    Never,
+    /// All held it from their subscription on (nothing was reserved).
+    FromTheStart,
+    /// The arrival of the update that brought the last of them there.
+    At(Instant),
+}
+
+/// [`Settled`] from what the subscribers received.
+pub(crate) fn settled_at(receipts: &[Receipts], final_version: u64) -> Settled {
+    let mut last = None;
+    for r in receipts {
+        if r.initial >= final_version {
+            continue;
+        }
+        match r.received.iter().find(|(v, _)| *v >= final_version) {
+            Some(&(_, at)) => last = last.max(Some(at)),
+            None => return Settled::Never,
+        }
+    }
+    last.map_or(Settled::FromTheStart, Settled::At)
+}
+
+/// How subscribers connect: the same in this process and in a helper process.
+#[derive(Clone)]
+pub(crate) struct Subscribe {
+    /// Slot `i` connects to `urls[i mod len]`.
+    pub urls: Arc<Vec<Target>>,
+    pub event_id: Arc<str>,
+    pub ticket_type: Arc<str>,
+    /// Slot `i` binds [`source_address`]`(i, source_addresses)` before it connects.
+    pub source_addresses: u32,
+    pub connect_concurrency: usize,
+    pub call_timeout: Duration,
+}
+
+/// Subscribers held by this process.
+pub(crate) struct Held {
+    tasks: Vec<JoinHandle<Receipts>>,
+    /// Each one's latest version, so the end of the run can be seen.
+    latest: Arc<Vec<AtomicU64>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Subscribe {
+    /// Connects and subscribes the subscribers of `slots`, `connect_concurrency` at a time;
+    /// all or none (the ones opened are closed again on a failure).
+    pub async fn open(&self, slots: Range<usize>) -> Result<Held, String> {
+        let first = slots.start;
+        let count = slots.len();
+        let latest: Arc<Vec<AtomicU64>> = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let opened: Vec<Result<JoinHandle<Receipts>, String>> = stream::iter(slots)
+            .map(|slot| {
+                let target = &self.urls[slot % self.urls.len()];
+                let source = source_address(slot, self.source_addresses);
+                let latest = Arc::clone(&latest);
+                let stop = stop_rx.clone();
+                async move {
+                    let (ws, initial) = open_subscriber(
+                        target,
+                        source,
+                        &self.event_id,
+                        &self.ticket_type,
+                        self.call_timeout,
+                    )
+                    .await?;
+                    latest[slot - first].store(initial, Ordering::SeqCst);
+                    Ok(tokio::spawn(subscriber(
+                        ws,
+                        Arc::clone(&self.ticket_type),
+                        initial,
+                        latest,
+                        slot - first,
+                        stop,
+                    )))
+                }
+            })
+            .buffered(self.connect_concurrency)
+            .collect()
+            .await;
+        let mut tasks = Vec::with_capacity(count);
+        let mut failures = Vec::new();
+        for result in opened {
+            match result {
+                Ok(task) => tasks.push(task),
+                Err(e) => failures.push(e),
+            }
+        }
+        let held = Held {
+            tasks,
+            latest,
+            stop: stop_tx,
+        };
+        if let Some(first_failure) = failures.first() {
+            let failed = failures.len();
+            let _ = held.stop().await;
+            return Err(format!(
+                "{failed} of {count} subscribers could not connect and subscribe; first: {first_failure}"
+            ));
+        }
+        Ok(held)
+    }
+}
+
+impl Held {
+    /// Waits until every subscriber holds `version` (or newer), all have ended, or `until`
+    /// passes; returns how many are behind.
+    pub async fn wait_for(&self, version: u64, until: Instant) -> usize {
+        loop {
+            let behind = self
+                .latest
+                .iter()
+                .filter(|v| v.load(Ordering::SeqCst) < version)
+                .count();
+            if behind == 0
+                || Instant::now() >= until
+                || self.tasks.iter().all(JoinHandle::is_finished)
+            {
+                return behind;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every subscriber (each closes its connection) and returns what each saw, in
+    /// slot order.
+    pub async fn stop(self) -> Result<Vec<Receipts>, String> {
+        let _ = self.stop.send(true);
+        let mut receipts = Vec::with_capacity(self.tasks.len());
+        let mut failed = None;
+        for task in self.tasks {
+            match task.await {
+                Ok(r) => receipts.push(r),
+                Err(e) => failed = Some(format!("a subscriber task failed: {e}")),
+            }
+        }
+        failed.map_or(Ok(receipts), Err)
+    }
 }
 
 async fn setup(args: &FanoutArgs, http: &HttpRpc) -> Result<Fixture, String> {
@@ -454,6 +662,10 @@ async fn setup(args: &FanoutArgs, http: &HttpRpc) -> Result<Fixture, String> {
         .map_err(|e| format!("auth.register {email}: {e}"))?;
     let reserver_token = string_at(&registered, "/token")?.to_owned();
     eprintln!("setup: event {event_id}, ticket type {ticket_type_id}, reserver {email}");
+    // Several servers: the event reaches the others a moment after its creation.
+    for target in args.subscriber_urls() {
+        wait_visible(&target, &event_id, args.call_timeout).await?;
+    }
     Ok(Fixture {
         event_id,
         ticket_type_id,
@@ -461,19 +673,49 @@ async fn setup(args: &FanoutArgs, http: &HttpRpc) -> Result<Fixture, String> {
     })
 }
 
+/// Waits (at most [`VISIBLE_WITHIN`]) until `events.get` of the event answers through
+/// `target`.
+async fn wait_visible(
+    target: &Target,
+    event_id: &str,
+    call_timeout: Duration,
+) -> Result<(), String> {
+    let http = HttpRpc::new(target.clone(), call_timeout);
+    let until = Instant::now() + VISIBLE_WITHIN;
+    loop {
+        match http
+            .call("events.get", json!({"event_id": event_id}), None)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= until => {
+                return Err(format!(
+                    "the event is not visible through {target} within {VISIBLE_WITHIN:?}: {e}"
+                ))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// How long an event created on one server may take to be visible on another.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(10);
+
 /// Connects (no login) and subscribes; returns the stream and the version it reported.
 async fn open_subscriber(
-    url: &reqwest::Url,
+    target: &Target,
+    source: Option<IpAddr>,
     event_id: &str,
     ticket_type: &str,
     call_timeout: Duration,
 ) -> Result<(WsStream, u64), String> {
     let attempt = async {
-        let mut ws = WsRpc::connect_with(url, Some(light_ws_config())).await?;
+        let mut ws =
+            WsRpc::connect_from(target, &target.ws(None), source, Some(light_ws_config())).await?;
         let result = ws
             .call("pool.subscribe", &json!({"event_id": event_id}))
             .await
-            .map_err(|e| format!("pool.subscribe: {e}"))?;
+            .map_err(|e| format!("pool.subscribe through {target}: {e}"))?;
         let version = pool_version(&result, ticket_type)
             .ok_or_else(|| format!("pool.subscribe: no version for the ticket type in {result}"))?;
         Ok((ws.into_stream(), version))
@@ -749,6 +991,7 @@ struct Tally {
     missing: u64,
     stale: u64,
     unattributed: u64,
+    early: u64,
     before_ack: u64,
     lost: u64,
     first_loss: Option<String>,
@@ -764,6 +1007,7 @@ fn tally(receipts: &[Receipts], reserved: &Reserved, subscribers: usize) -> Tall
         missing: 0,
         stale: 0,
         unattributed: 0,
+        early: 0,
         before_ack: 0,
         lost: 0,
         first_loss: None,
@@ -783,8 +1027,16 @@ fn tally(receipts: &[Receipts], reserved: &Reserved, subscribers: usize) -> Tall
         }
         let mut held = r.initial;
         for &(version, arrived) in &r.received {
+            if version <= first {
+                // A change before the run (e.g. the owner's takeover of the new event
+                // moving its version on): nothing the reserver did.
+                t.early += 1;
+                held = version;
+                continue;
+            }
+            let from = held.max(first);
             t.received += 1;
-            t.coalesced += version - held - 1;
+            t.coalesced += version - from - 1;
             match reserved.acks.get(&version) {
                 Some(ack) => {
                     if arrived >= ack.answered {
@@ -798,12 +1050,10 @@ fn tally(receipts: &[Receipts], reserved: &Reserved, subscribers: usize) -> Tall
                 }
                 None => t.unattributed += 1,
             }
-            for v in (held + 1)..=version {
-                if v > first && v - first <= span as u64 {
-                    let i = (v - first - 1) as usize;
-                    held_by[i] += 1;
-                    held_since[i] = held_since[i].max(Some(arrived));
-                }
+            for v in (from + 1)..=version.min(first + span as u64) {
+                let i = (v - first - 1) as usize;
+                held_by[i] += 1;
+                held_since[i] = held_since[i].max(Some(arrived));
             }
             held = version;
         }
@@ -836,6 +1086,83 @@ mod tests {
         assert!(parse_rate("0/s").is_err());
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("1e9").is_err());
+    }
+
+    #[test]
+    fn subscribers_are_split_over_helper_processes_only_above_the_per_process_count() {
+        let all = 0..1000;
+        assert_eq!(process_plan(1000, None), vec![all.clone()]);
+        assert_eq!(process_plan(1000, Some(1000)), vec![all.clone()]);
+        assert_eq!(process_plan(1000, Some(5000)), vec![all]);
+        assert_eq!(
+            process_plan(3000, Some(1000)),
+            vec![0..1000, 1000..2000, 2000..3000]
+        );
+        assert_eq!(
+            process_plan(2500, Some(1000)),
+            vec![0..1000, 1000..2000, 2000..2500]
+        );
+        assert_eq!(process_plan(3, Some(1)), vec![0..1, 1..2, 2..3]);
+    }
+
+    #[test]
+    fn settled_is_when_the_last_subscriber_reached_the_final_version() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let a = Receipts {
+            initial: 0,
+            received: vec![(1, ms(5)), (2, ms(9))],
+            ..Receipts::default()
+        };
+        let b = Receipts {
+            initial: 0,
+            received: vec![(2, ms(12)), (3, ms(20))],
+            ..Receipts::default()
+        };
+        assert_eq!(settled_at(&[a.clone(), b.clone()], 2), Settled::At(ms(12)));
+        assert_eq!(settled_at(&[a.clone(), b], 3), Settled::Never);
+        let already = Receipts {
+            initial: 2,
+            ..Receipts::default()
+        };
+        assert_eq!(
+            settled_at(std::slice::from_ref(&already), 2),
+            Settled::FromTheStart
+        );
+        assert_eq!(settled_at(&[already, a], 2), Settled::At(ms(9)));
+    }
+
+    #[test]
+    fn subscriber_urls_default_to_the_url() {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: FanoutArgs,
+        }
+        use clap::Parser as _;
+        let base = ["fanout", "--admin-email", "a", "--admin-password", "p"];
+        let args = Cli::try_parse_from(base).unwrap().args;
+        assert_eq!(args.subscriber_urls(), vec![args.url.clone()]);
+        let mut more = base.to_vec();
+        more.extend([
+            "--subscriber-url",
+            "http://127.0.0.1:1",
+            "--subscriber-url",
+            "http://127.0.0.2:2",
+        ]);
+        let args = Cli::try_parse_from(more).unwrap().args;
+        let urls: Vec<String> = args
+            .subscriber_urls()
+            .iter()
+            .map(Target::to_string)
+            .collect();
+        assert_eq!(urls, ["http://127.0.0.1:1", "http://127.0.0.2:2"]);
+        let mut bad = base.to_vec();
+        bad.extend(["--source-addresses", "255"]);
+        assert!(Cli::try_parse_from(bad).is_err());
+        let mut bad = base.to_vec();
+        bad.extend(["--subscribers-per-process", "0"]);
+        assert!(Cli::try_parse_from(bad).is_err());
     }
 
     #[test]
@@ -908,6 +1235,34 @@ mod tests {
         assert_eq!(all.count, 3);
         assert!((all.max_ms - 40.0).abs() < 0.1, "{all:?}");
         assert!((all.p50_ms - 30.0).abs() < 0.1, "{all:?}");
+    }
+
+    #[test]
+    fn changes_before_the_run_are_set_apart_however_far_the_version_jumped() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Subscribed at version 1; a takeover moved it to 1 << 32 before the first
+        // reservation, which then made 1 << 32 + 1.
+        let first = 1u64 << 32;
+        let r = reserved(&[(first + 1, ms(10))], first, first + 1);
+        let a = Receipts {
+            initial: 1,
+            received: vec![(first, ms(2)), (first + 1, ms(12))],
+            ..Receipts::default()
+        };
+        let b = Receipts {
+            initial: 1,
+            received: vec![(first + 1, ms(15))],
+            ..Receipts::default()
+        };
+        let t = tally(&[a, b], &r, 2);
+        assert_eq!(t.early, 1);
+        assert_eq!(t.received, 2);
+        assert_eq!(t.coalesced, 0);
+        assert_eq!(t.missing, 0);
+        let all = Latency::from_histogram(&t.latency_all);
+        assert_eq!(all.count, 1);
+        assert!((all.max_ms - 5.0).abs() < 0.1, "{all:?}");
     }
 
     #[test]

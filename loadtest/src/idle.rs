@@ -15,7 +15,10 @@ use futures_util::stream::{self, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::client::{light_ws_config, pending_long_poll, HttpRpc, Target, WsRpc, WsStream};
+use crate::client::{
+    check_source_addresses, connect_ws_from, light_ws_config, pending_long_poll, source_address,
+    HttpRpc, Target, WsStream, MAX_SOURCE_ADDRESSES,
+};
 use crate::limits;
 use crate::reserve::parse_duration;
 use crate::Failure;
@@ -59,6 +62,12 @@ pub struct IdleArgs {
     /// Bound on one connection attempt or HTTP call.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub call_timeout: Duration,
+
+    /// Spread the WebSocket connections (and the pending GETs' connections) over this many
+    /// loopback source addresses, 127.0.0.1 … 127.0.0.N, round robin, each bound before it
+    /// connects: each address has its own ephemeral ports (~28,000). 1: no bind.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_SOURCE_ADDRESSES as i64))]
+    pub source_addresses: u32,
 }
 
 fn parse_hold(text: &str) -> Result<Duration, String> {
@@ -90,6 +99,7 @@ pub async fn run(args: &IdleArgs) -> Result<(), Failure> {
         Transport::Longpoll => u64::from(args.connect_concurrency),
     };
     limits::ensure_fds_for(descriptors, "connections").map_err(Failure::Flags)?;
+    check_source_addresses(args.source_addresses, &[&args.url]).map_err(Failure::Flags)?;
 
     let n = args.connections as usize;
     let what = match (args.transport, args.pending_get) {
@@ -157,17 +167,17 @@ pub async fn run(args: &IdleArgs) -> Result<(), Failure> {
 async fn open_ws(args: &IdleArgs) -> Result<Vec<WsStream>, String> {
     let url = args.url.ws(None);
     let call_timeout = args.call_timeout;
-    let results: Vec<Result<WsStream, String>> = stream::iter(0..args.connections)
-        .map(|_| {
+    let results: Vec<Result<WsStream, String>> = stream::iter(0..args.connections as usize)
+        .map(|i| {
             let url = url.clone();
+            let source = source_address(i, args.source_addresses);
             async move {
                 timeout(
                     call_timeout,
-                    WsRpc::connect_with(&url, Some(light_ws_config())),
+                    connect_ws_from(&args.url, &url, source, Some(light_ws_config())),
                 )
                 .await
                 .unwrap_or_else(|_| Err("connect timed out".to_owned()))
-                .map(WsRpc::into_stream)
             }
         })
         .buffer_unordered(args.connect_concurrency as usize)
@@ -224,9 +234,10 @@ async fn open_long_polls(args: &IdleArgs) -> Result<Held, String> {
     let mut pending = Vec::new();
     if args.pending_get {
         let call_timeout = args.call_timeout;
-        let results: Vec<Result<TcpStream, String>> = stream::iter(sessions.iter())
-            .map(|id| async move {
-                timeout(call_timeout, pending_long_poll(&args.url, id))
+        let results: Vec<Result<TcpStream, String>> = stream::iter(sessions.iter().enumerate())
+            .map(|(i, id)| async move {
+                let source = source_address(i, args.source_addresses);
+                timeout(call_timeout, pending_long_poll(&args.url, id, source))
                     .await
                     .unwrap_or_else(|_| Err("GET /lp/… timed out".to_owned()))
             })

@@ -13,6 +13,11 @@
 //!   pgbench on a schema of its own.
 //! - `logins`: N concurrent `auth.login` and the server's memory around them.
 //! - `summary`: the side-by-side table and ratios of a `bench.sh` run.
+//! - `takeover`: with reservations streaming on an event, SIGKILL its owner (cluster
+//!   mode) and time the first success through another server.
+//! - `cluster-summary`: the figures of a `cluster.sh` run against the cluster goals.
+//! - `fanout-subscribers` (hidden): a helper process of `fanout`, holding a share of its
+//!   subscribers.
 //!
 //! Every target must be a loopback address, and every load loop is bounded in count and
 //! in time.
@@ -21,8 +26,10 @@
 //! (including a non-loopback `--url`, or more connections than the open-file limit allows).
 
 mod client;
+mod cluster_summary;
 mod echo;
 mod fanout;
+mod fanout_processes;
 mod idle;
 mod limits;
 mod logins;
@@ -33,6 +40,7 @@ mod report;
 mod reserve;
 mod schedule;
 mod summary;
+mod takeover;
 
 use std::process::ExitCode;
 
@@ -66,6 +74,14 @@ enum Command {
     Logins(logins::LoginsArgs),
     /// The table and ratios of a `bench.sh` run, from its JSON lines.
     Summary(summary::SummaryArgs),
+    /// Cluster mode: SIGKILL an event's owner while reservations stream through the other
+    /// servers; the time until the first success after the kill.
+    Takeover(takeover::TakeoverArgs),
+    /// The figures of a `cluster.sh` run against the cluster goals, from its JSON lines.
+    ClusterSummary(cluster_summary::ClusterSummaryArgs),
+    /// A helper process of `fanout` holding some of its subscribers (started by `fanout`).
+    #[command(hide = true)]
+    FanoutSubscribers(fanout_processes::HelperArgs),
 }
 
 /// Why a run produced no report: bad flags (exit 2) or a failed setup (exit 1).
@@ -179,6 +195,28 @@ async fn main() -> ExitCode {
         Command::Summary(args) => match summary::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => Failure::Setup(e).exit("summary"),
+        },
+        Command::Takeover(args) => match takeover::run(&args).await {
+            Ok(report) => {
+                report.print_human();
+                if args.json {
+                    println!("{}", report.to_json());
+                }
+                if report.is_ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => Failure::Setup(e).exit("takeover"),
+        },
+        Command::ClusterSummary(args) => match cluster_summary::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => Failure::Setup(e).exit("cluster-summary"),
+        },
+        Command::FanoutSubscribers(args) => match fanout_processes::serve(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => e.exit("fanout-subscribers"),
         },
     }
 }

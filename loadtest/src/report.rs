@@ -52,7 +52,11 @@ impl Latency {
 /// The server's view after the run, compared with what the clients were told.
 #[derive(Debug, Clone)]
 pub struct Consistency {
+    /// What the count started from: the capacity of a fresh ticket type, or the
+    /// `available` read before the load (see `baseline`).
     pub capacity: u64,
+    /// How the line names that figure: `capacity` or `available before`.
+    pub baseline: &'static str,
     /// `capacity − Σ quantity` of the acknowledged reservations.
     pub expected_available: u64,
     /// `available` as `events.get` reports it.
@@ -72,6 +76,7 @@ impl Consistency {
     pub fn one(capacity: u64, acknowledged: u64, available: u64, unknown: u64) -> Self {
         let mut c = Self {
             capacity,
+            baseline: "capacity",
             expected_available: capacity.saturating_sub(acknowledged),
             available,
             unknown_tickets: unknown,
@@ -85,9 +90,19 @@ impl Consistency {
 
     /// Several ticket types: sums of their figures; a mismatch of any one is kept, so
     /// an oversold type cannot hide behind another type's shortfall.
+    /// The same check started from the `available` read before the load (an existing
+    /// ticket type that already had reservations).
+    pub fn against_available_before(self) -> Self {
+        Self {
+            baseline: "available before",
+            ..self
+        }
+    }
+
     pub fn combine(parts: &[Consistency]) -> Self {
         Self {
             capacity: parts.iter().map(|c| c.capacity).sum(),
+            baseline: parts.first().map_or("capacity", |c| c.baseline),
             expected_available: parts.iter().map(|c| c.expected_available).sum(),
             available: parts.iter().map(|c| c.available).sum(),
             unknown_tickets: parts.iter().map(|c| c.unknown_tickets).sum(),
@@ -121,8 +136,9 @@ impl Consistency {
         }
         let line = if self.available == self.expected_available {
             format!(
-                "consistency: ok (available {} = capacity {} − {} reserved)",
+                "consistency: ok (available {} = {} {} − {} reserved)",
                 self.available,
+                self.baseline,
                 self.capacity,
                 self.capacity - self.expected_available
             )
@@ -133,8 +149,9 @@ impl Consistency {
             )
         } else {
             format!(
-                "consistency: MISMATCH available {} but capacity {} − {} reserved = {} (unanswered calls: up to {} tickets)",
+                "consistency: MISMATCH available {} but {} {} − {} reserved = {} (unanswered calls: up to {} tickets)",
                 self.available,
+                self.baseline,
                 self.capacity,
                 self.capacity - self.expected_available,
                 self.expected_available,
@@ -161,6 +178,16 @@ impl RssWindow {
     }
 }
 
+/// An existing ticket type a run reserved from (`loadgen reserve --event-id`).
+#[derive(Debug, Clone)]
+pub struct ExistingEvent {
+    pub event_id: String,
+    /// Its `available` before the load: the baseline of the consistency check.
+    pub available_before: u64,
+    /// The server the check read.
+    pub check_url: String,
+}
+
 /// Everything `loadgen reserve` measured.
 #[derive(Debug, Clone)]
 pub struct ReserveReport {
@@ -174,6 +201,10 @@ pub struct ReserveReport {
     /// Of each ticket type.
     pub capacity: u64,
     pub ticket_types: usize,
+    /// Set when an existing event was used instead of a created one.
+    pub existing_event: Option<ExistingEvent>,
+    /// Whether every call carried an idempotency key.
+    pub idempotency_keys: bool,
     /// Open model: the arrival rate asked for; `None` for a closed loop.
     pub offered_rate: Option<f64>,
     pub duration_s: f64,
@@ -232,6 +263,15 @@ impl ReserveReport {
             self.ticket_types,
             self.capacity
         );
+        if let Some(e) = &self.existing_event {
+            println!(
+                "  existing event {}: {} available before the load (read through {})",
+                e.event_id, e.available_before, e.check_url
+            );
+        }
+        if self.idempotency_keys {
+            println!("  every call carried an idempotency key");
+        }
         println!(
             "  stopped by: {} after {:.2} s (limits: {:.1} s, {} requests)",
             self.stopped_by, self.elapsed_s, self.duration_s, self.max_requests
@@ -311,6 +351,10 @@ impl ReserveReport {
             "quantity": self.quantity,
             "capacity": self.capacity,
             "ticket_types": self.ticket_types,
+            "event_id": self.existing_event.as_ref().map(|e| e.event_id.clone()),
+            "available_before": self.existing_event.as_ref().map(|e| e.available_before),
+            "check_url": self.existing_event.as_ref().map(|e| e.check_url.clone()),
+            "idempotency_keys": self.idempotency_keys,
             "duration_s": self.duration_s,
             "max_requests": self.max_requests,
             "requests": self.requests,
@@ -399,6 +443,22 @@ mod tests {
         };
         assert_eq!(r.bytes_per(1024), Some(500.0));
         assert_eq!(r.bytes_per(0), None);
+    }
+
+    #[test]
+    fn a_check_from_the_count_before_says_so() {
+        let c = Consistency::one(1000, 10, 990, 0).against_available_before();
+        assert_eq!(
+            c.line(),
+            "consistency: ok (available 990 = available before 1000 − 10 reserved)"
+        );
+        let c = Consistency::one(1000, 10, 985, 0).against_available_before();
+        assert!(
+            c.line()
+                .contains("but available before 1000 − 10 reserved = 990"),
+            "{}",
+            c.line()
+        );
     }
 
     #[test]

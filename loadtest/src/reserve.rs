@@ -9,6 +9,12 @@
 //! `INSUFFICIENT_TICKETS`. Then `events.get` checks every ticket type's count against the
 //! acknowledged reservations.
 //!
+//! With `--event-id`/`--ticket-type-id` an existing ticket type is used instead (no admin
+//! needed, nothing created): its `available` before the load is the baseline of the
+//! check, read through `--check-url` (in cluster mode: the event's owner, whose count is
+//! exact, where another server's mirror may lag). `--idempotency-keys` sends a fresh
+//! `idempotency_key` with every call, to measure what keys cost.
+//!
 //! Around the load window it can also read `/proc`: the CPU time of named processes
 //! (`--cpu`) and the server's resident memory (`--server-pid`), after the writer has
 //! drained, so the figures belong to the load and not to the setup.
@@ -27,7 +33,7 @@ use tokio::time::timeout;
 use crate::client::{CallError, HttpRpc, Target, WsRpc};
 use crate::metrics::WriterBatches;
 use crate::procfs::{self, CpuProbe, Rss};
-use crate::report::{new_histogram, Consistency, Latency, ReserveReport, RssWindow};
+use crate::report::{new_histogram, Consistency, ExistingEvent, Latency, ReserveReport, RssWindow};
 use crate::schedule::{parse_rate, OpenSchedule};
 
 /// Most ticket types the server accepts in one event.
@@ -61,6 +67,25 @@ pub struct ReserveArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub ticket_types: u64,
 
+    /// Use this existing event instead of creating one (with `--ticket-type-id`); no admin
+    /// account is needed then.
+    #[arg(long, requires = "ticket_type_id", conflicts_with_all = ["ticket_types", "capacity"])]
+    pub event_id: Option<String>,
+
+    /// The ticket type of `--event-id` to reserve.
+    #[arg(long, requires = "event_id")]
+    pub ticket_type_id: Option<String>,
+
+    /// The server the consistency check (`events.get` before and after) and the writer's
+    /// figures (`/metrics`) are read from; default `--url`. In cluster mode, the event's
+    /// owner.
+    #[arg(long, value_parser = Target::parse)]
+    pub check_url: Option<Target>,
+
+    /// Send a fresh `idempotency_key` with every `tickets.reserve`.
+    #[arg(long)]
+    pub idempotency_keys: bool,
+
     /// Tickets per reservation.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=i32::MAX as u64))]
     pub quantity: u64,
@@ -70,13 +95,14 @@ pub struct ReserveArgs {
     #[arg(long, value_parser = parse_rate)]
     pub rate: Option<f64>,
 
-    /// Email of an existing admin account (`ticket-api user add --admin`).
-    #[arg(long)]
-    pub admin_email: String,
+    /// Email of an existing admin account (`ticket-api user add --admin`); not needed with
+    /// `--event-id`.
+    #[arg(long, required_unless_present = "event_id")]
+    pub admin_email: Option<String>,
 
     /// Password of that admin account.
-    #[arg(long)]
-    pub admin_password: String,
+    #[arg(long, required_unless_present = "event_id")]
+    pub admin_password: Option<String>,
 
     /// Also print one JSON line of results at the end.
     #[arg(long)]
@@ -110,7 +136,13 @@ pub struct ReserveArgs {
 struct Fixture {
     /// `(event id, ticket type id)` of every ticket type, in creation order.
     ticket_types: Vec<(String, String)>,
+    /// Each ticket type's `available` before the load: the capacity of a created one.
+    baseline: Vec<u64>,
+    /// An existing ticket type's capacity and `available` before the load.
+    existing: Option<(u64, u64)>,
     tokens: Vec<String>,
+    /// Makes this run's idempotency keys unique.
+    run: String,
 }
 
 /// Runs the benchmark; `Ok(report)` also when the consistency check fails (the caller
@@ -118,7 +150,11 @@ struct Fixture {
 pub async fn run(args: &ReserveArgs) -> Result<ReserveReport, SetupError> {
     crate::limits::ensure_fds_for(u64::from(args.connections), "connections")?;
     let http = HttpRpc::new(args.url.clone(), args.call_timeout);
-    let fixture = setup(args, &http).await?;
+    let check = HttpRpc::new(
+        args.check_url.clone().unwrap_or_else(|| args.url.clone()),
+        args.call_timeout,
+    );
+    let fixture = setup(args, &http, &check).await?;
 
     eprintln!("connecting {} WebSockets…", args.connections);
     let urls: Vec<reqwest::Url> = fixture
@@ -128,7 +164,7 @@ pub async fn run(args: &ReserveArgs) -> Result<ReserveReport, SetupError> {
         .collect();
     let connections = connect_all(&urls, args.call_timeout).await?;
 
-    let batches_before = writer_batches(&http).await;
+    let batches_before = writer_batches(&check).await;
     let rss_before = args.server_pid.and_then(Rss::read);
     let params = fixture
         .ticket_types
@@ -146,13 +182,16 @@ pub async fn run(args: &ReserveArgs) -> Result<ReserveReport, SetupError> {
         duration: args.duration,
         rate: args.rate,
         cpu: args.cpu.clone(),
+        idempotency_keys: args
+            .idempotency_keys
+            .then(|| Arc::from(format!("loadgen-{}", fixture.run))),
     })
     .await?;
     let total = &outcome.tally;
 
     let rss = match (args.server_pid, rss_before) {
         (Some(pid), Some(before)) => {
-            wait_for_writer(&http, Duration::from_secs(30)).await;
+            wait_for_writer(&check, Duration::from_secs(30)).await;
             Rss::read(pid).map(|after| RssWindow {
                 before_kib: before.current_kib,
                 after_kib: after.current_kib,
@@ -161,13 +200,13 @@ pub async fn run(args: &ReserveArgs) -> Result<ReserveReport, SetupError> {
         }
         _ => None,
     };
-    let writer_batches = match (batches_before, writer_batches(&http).await) {
+    let writer_batches = match (batches_before, writer_batches(&check).await) {
         // Counters going down mean the server restarted meanwhile: no usable figure.
         (Some(before), Some(after)) if after.batches >= before.batches => Some(after.since(before)),
         _ => None,
     };
 
-    let consistency = match check_counts(&http, &fixture, args, total).await {
+    let consistency = match check_counts(&check, &fixture, total).await {
         Ok(c) => Some(c),
         Err(e) => {
             eprintln!("events.get after the run failed: {e}");
@@ -181,8 +220,16 @@ pub async fn run(args: &ReserveArgs) -> Result<ReserveReport, SetupError> {
         url: args.url.to_string(),
         connections: args.connections as usize,
         quantity: args.quantity,
-        capacity: args.capacity,
+        capacity: fixture
+            .existing
+            .map_or(args.capacity, |(capacity, _)| capacity),
         ticket_types: fixture.ticket_types.len(),
+        existing_event: fixture.existing.map(|(_, before)| ExistingEvent {
+            event_id: fixture.ticket_types[0].0.clone(),
+            available_before: before,
+            check_url: check.target().to_string(),
+        }),
+        idempotency_keys: args.idempotency_keys,
         offered_rate: args.rate,
         duration_s: args.duration.as_secs_f64(),
         max_requests: args.max_requests,
@@ -229,6 +276,9 @@ pub struct Load {
     pub duration: Duration,
     pub rate: Option<f64>,
     pub cpu: Vec<CpuProbe>,
+    /// When set, every call carries `idempotency_key` = this prefix, the connection's index
+    /// and the call's number: unique over the run.
+    pub idempotency_keys: Option<Arc<str>>,
 }
 
 /// What a load measured.
@@ -284,6 +334,10 @@ pub async fn drive(load: Load) -> Result<LoadOutcome, SetupError> {
                     .rate
                     .map(|r| OpenSchedule::for_connection(r, connections as u32, index as u32)),
                 shared: Arc::clone(&shared),
+                keys: load
+                    .idempotency_keys
+                    .as_ref()
+                    .map(|prefix| format!("{prefix}-{index}")),
             };
             tokio::spawn(worker.run(ws))
         })
@@ -438,30 +492,83 @@ pub(crate) async fn create_hot_event(
     Ok((event_id, ids.remove(0)))
 }
 
-async fn setup(args: &ReserveArgs, http: &HttpRpc) -> Result<Fixture, SetupError> {
+async fn setup(args: &ReserveArgs, http: &HttpRpc, check: &HttpRpc) -> Result<Fixture, SetupError> {
     let run = run_id();
     eprintln!("setup: run {run} against {}", args.url);
 
-    let token = admin_token(http, &args.admin_email, &args.admin_password).await?;
-    let wanted = args.ticket_types as usize;
-    let mut ticket_types = Vec::with_capacity(wanted);
-    while ticket_types.len() < wanted {
-        let types = (wanted - ticket_types.len()).min(TYPES_PER_EVENT);
-        let name = format!("loadgen {run} #{}", ticket_types.len() / TYPES_PER_EVENT);
-        let (event_id, ids) = create_event(http, &token, &name, args.capacity, types).await?;
-        ticket_types.extend(ids.into_iter().map(|id| (event_id.clone(), id)));
-    }
-    match ticket_types.as_slice() {
-        [(event, id)] => eprintln!("setup: event {event}, ticket type {id}"),
-        many => eprintln!("setup: {} ticket types", many.len()),
-    }
+    let (ticket_types, baseline, existing) = match (&args.event_id, &args.ticket_type_id) {
+        (Some(event_id), Some(ticket_type_id)) => {
+            let capacity = ticket_type_count(check, event_id, ticket_type_id, "capacity").await?;
+            let before = ticket_type_count(check, event_id, ticket_type_id, "available").await?;
+            eprintln!(
+                "setup: existing event {event_id}, ticket type {ticket_type_id}: {before} of {capacity} available (through {})",
+                check.target()
+            );
+            (
+                vec![(event_id.clone(), ticket_type_id.clone())],
+                vec![before],
+                Some((capacity, before)),
+            )
+        }
+        _ => {
+            let (email, password) = match (&args.admin_email, &args.admin_password) {
+                (Some(email), Some(password)) => (email, password),
+                _ => {
+                    return Err(
+                        "--admin-email and --admin-password are needed to create the event"
+                            .to_owned(),
+                    )
+                }
+            };
+            let token = admin_token(http, email, password).await?;
+            let wanted = args.ticket_types as usize;
+            let mut ticket_types = Vec::with_capacity(wanted);
+            while ticket_types.len() < wanted {
+                let types = (wanted - ticket_types.len()).min(TYPES_PER_EVENT);
+                let name = format!("loadgen {run} #{}", ticket_types.len() / TYPES_PER_EVENT);
+                let (event_id, ids) =
+                    create_event(http, &token, &name, args.capacity, types).await?;
+                ticket_types.extend(ids.into_iter().map(|id| (event_id.clone(), id)));
+            }
+            match ticket_types.as_slice() {
+                [(event, id)] => eprintln!("setup: event {event}, ticket type {id}"),
+                many => eprintln!("setup: {} ticket types", many.len()),
+            }
+            let baseline = vec![args.capacity; ticket_types.len()];
+            (ticket_types, baseline, None)
+        }
+    };
 
     eprintln!(
         "setup: registering {} customers, {} at a time…",
         args.connections, args.register_concurrency
     );
     let registered = Instant::now();
-    let tokens: Vec<String> = stream::iter(0..args.connections)
+    let tokens =
+        register_customers(http, &run, args.connections, args.register_concurrency).await?;
+    eprintln!(
+        "setup: {} customers in {:.1} s",
+        tokens.len(),
+        registered.elapsed().as_secs_f64()
+    );
+    Ok(Fixture {
+        ticket_types,
+        baseline,
+        existing,
+        tokens,
+        run,
+    })
+}
+
+/// Registers `count` customers (`loadgen-<run>-<i>@loadgen.invalid`), `concurrency` at a
+/// time; returns their tokens.
+pub(crate) async fn register_customers(
+    http: &HttpRpc,
+    run: &str,
+    count: u32,
+    concurrency: u32,
+) -> Result<Vec<String>, SetupError> {
+    stream::iter(0..count)
         .map(|i| {
             let email = format!("loadgen-{run}-{i}@loadgen.invalid");
             async move {
@@ -476,18 +583,9 @@ async fn setup(args: &ReserveArgs, http: &HttpRpc) -> Result<Fixture, SetupError
                 string_at(&result, "/token").map(str::to_owned)
             }
         })
-        .buffered(args.register_concurrency as usize)
+        .buffered(concurrency as usize)
         .try_collect()
-        .await?;
-    eprintln!(
-        "setup: {} customers in {:.1} s",
-        tokens.len(),
-        registered.elapsed().as_secs_f64()
-    );
-    Ok(Fixture {
-        ticket_types,
-        tokens,
-    })
+        .await
 }
 
 /// Opens one WebSocket per URL, 64 at a time, each attempt bounded by `call_timeout`.
@@ -507,12 +605,11 @@ pub(crate) async fn connect_all(
         .await
 }
 
-/// Every ticket type's `available` (one `events.get` per event) against what was
-/// acknowledged for it.
+/// Every ticket type's `available` (one `events.get` per event) against its baseline and
+/// what was acknowledged for it.
 async fn check_counts(
     http: &HttpRpc,
     fixture: &Fixture,
-    args: &ReserveArgs,
     tally: &Tally,
 ) -> Result<Consistency, String> {
     let mut available: BTreeMap<&str, u64> = BTreeMap::new();
@@ -552,12 +649,17 @@ async fn check_counts(
                 .get(id.as_str())
                 .copied()
                 .ok_or_else(|| format!("events.get: no available for ticket type {id}"))?;
-            Ok(Consistency::one(
-                args.capacity,
+            let c = Consistency::one(
+                fixture.baseline[i],
                 tally.tickets_by_type[i],
                 a,
                 tally.unknown_by_type[i],
-            ))
+            );
+            Ok(if fixture.existing.is_some() {
+                c.against_available_before()
+            } else {
+                c
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(Consistency::combine(&per_type))
@@ -663,6 +765,15 @@ fn type_of_call(first: usize, stride: usize, k: u64, types: usize) -> usize {
     ((first as u64 + k.wrapping_mul(stride as u64)) % types as u64) as usize
 }
 
+/// The params with `idempotency_key` = `<prefix>-<k>`.
+fn with_idempotency_key(params: &Value, prefix: &str, k: u64) -> Value {
+    let mut keyed = params.clone();
+    if let Some(object) = keyed.as_object_mut() {
+        object.insert("idempotency_key".to_owned(), json!(format!("{prefix}-{k}")));
+    }
+    keyed
+}
+
 /// One connection's loop, closed or on an open-model schedule.
 struct Worker {
     url: reqwest::Url,
@@ -677,6 +788,8 @@ struct Worker {
     deadline: Instant,
     schedule: Option<OpenSchedule>,
     shared: Arc<Shared>,
+    /// The prefix of this connection's idempotency keys, when calls carry them.
+    keys: Option<String>,
 }
 
 impl Worker {
@@ -726,7 +839,14 @@ impl Worker {
             if sent.duration_since(intended) > Duration::from_millis(1) {
                 tally.late_sends += 1;
             }
-            let params = &self.params[type_index];
+            let keyed;
+            let params = match &self.keys {
+                Some(prefix) => {
+                    keyed = with_idempotency_key(&self.params[type_index], prefix, k);
+                    &keyed
+                }
+                None => &self.params[type_index],
+            };
             let call = async {
                 match self.call {
                     CallKind::Reserve => ws.call("tickets.reserve", params).await.map(drop),
@@ -776,6 +896,68 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ReserveArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ReserveArgs, String> {
+        Cli::try_parse_from(std::iter::once("reserve").chain(args.iter().copied()))
+            .map(|cli| cli.args)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_existing_event_needs_no_admin_but_both_of_its_ids() {
+        let args = parse(&["--event-id", "e", "--ticket-type-id", "t"]).unwrap();
+        assert_eq!(args.event_id.as_deref(), Some("e"));
+        assert!(args.admin_email.is_none());
+        assert!(parse(&["--event-id", "e"]).is_err());
+        assert!(parse(&["--ticket-type-id", "t"]).is_err());
+        assert!(
+            parse(&[]).is_err(),
+            "without an event, the admin is required"
+        );
+        assert!(parse(&["--admin-email", "a", "--admin-password", "p"]).is_ok());
+    }
+
+    #[test]
+    fn an_existing_event_refuses_flags_that_shape_a_created_one() {
+        let base = ["--event-id", "e", "--ticket-type-id", "t"];
+        for extra in [["--ticket-types", "10"], ["--capacity", "5"]] {
+            let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+            assert!(parse(&args).is_err(), "{extra:?}");
+        }
+    }
+
+    #[test]
+    fn check_url_must_be_loopback_too() {
+        let admin = ["--admin-email", "a", "--admin-password", "p"];
+        let with = |url: &'static str| {
+            let mut args = admin.to_vec();
+            args.extend(["--check-url", url]);
+            parse(&args)
+        };
+        assert!(with("http://127.0.0.1:4001").is_ok());
+        assert!(with("http://10.1.2.3:4001").is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_unique_per_connection_and_call() {
+        let params = json!({"items": [{"ticket_type_id": "t", "quantity": 1}]});
+        let a = with_idempotency_key(&params, "loadgen-run-3", 7);
+        assert_eq!(a["idempotency_key"], "loadgen-run-3-7");
+        assert_eq!(a["items"], params["items"]);
+        let b = with_idempotency_key(&params, "loadgen-run-31", 7);
+        assert_ne!(a["idempotency_key"], b["idempotency_key"]);
+        assert!(
+            params.get("idempotency_key").is_none(),
+            "the shared params stay as they were"
+        );
+    }
 
     #[test]
     fn one_ticket_type_is_always_the_hot_one() {
