@@ -6,8 +6,8 @@
 //! own coalescing; a user's notifications reach that user's connections here.
 //!
 //! Pub/sub is fire-and-forget: a message lost while a server's subscriber reconnects
-//! leaves its mirror behind until the event's next change (the ownership round does not
-//! re-read availability). The owner's own subscribers never depend on it.
+//! leaves its mirror behind until the owner republishes the event's state, which it does
+//! every second (see `ownership`). The owner's own subscribers never depend on it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::core::inventory::{ChangeError, Inventory, ReserveError, ReserveRequest};
+use crate::core::inventory::{ChangeError, Holding, Inventory, ReserveError, ReserveRequest};
 use crate::core::reservation::{ReleaseKind, Reservation, Status};
 use crate::core::{Clock, EventId, PaymentId, PaymentToken, ReservationId, ReserveItems, UserId};
 use crate::expiry::sweeper::Releases;
@@ -271,6 +271,17 @@ impl Engine {
         key: Option<KeyedCall<'_, Reservation>>,
     ) -> Result<Answer<Reservation>, EngineError> {
         self.refuse_while_down()?;
+        // An event owned by another server: said before the key is looked up, which the
+        // owner does (cluster mode).
+        let event = items
+            .as_slice()
+            .first()
+            .and_then(|(ticket_type, _)| self.inventory.event_of_ticket_type(*ticket_type));
+        if let Some(event_id) = event {
+            if self.inventory.holding(event_id) == Some(Holding::Mirror) {
+                return Err(EngineError::NotOwner(event_id));
+            }
+        }
         let key = self.keys.begin(user, key, self.clock.now()).await?;
         if let Some(stored) = key.replay()? {
             return Ok(stored);

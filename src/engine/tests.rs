@@ -1231,6 +1231,32 @@ mod in_a_cluster {
         ));
     }
 
+    /// A reserve of an event owned elsewhere is the owner's to run, key and all: it is
+    /// not looked up here first (a stored key would answer a conflict here).
+    #[tokio::test]
+    async fn a_reserve_of_a_mirrored_event_goes_to_its_owner_before_its_key_is_read() {
+        let s = setup_with(10, true);
+        s.engine.give_up(s.event_id);
+        let user = UserId::new();
+        let key = IdempotencyKey::parse("k-1".into()).unwrap();
+        s.database
+            .claim_idempotency_key(user, "tickets.reserve", "k-1", Timestamp::from_millis(0))
+            .await
+            .unwrap();
+        let call = KeyedCall {
+            method: "tickets.reserve",
+            key: &key,
+            params_hash: params_hash("1"),
+            render: &render,
+            fresh: false,
+        };
+        let answer = s.engine.reserve(user, s.items(1), Some(call)).await;
+        assert!(
+            matches!(answer, Err(EngineError::NotOwner(e)) if e == s.event_id),
+            "{answer:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_takeover_rebuilds_availability_and_puts_pending_reservations_under_expiry() {
         let s = setup_with(10, true);
