@@ -76,6 +76,8 @@ enum Attempt {
     Unanswered,
     /// This server owns the event now: run the call here.
     Local,
+    /// No owner took the call before the deadline: nothing ran.
+    Unreached,
 }
 
 /// How a forwarded call whose answer never came is settled.
@@ -93,13 +95,14 @@ enum Settlement {
 }
 
 impl Settlement {
-    /// The idempotency key made for the forward, if one was.
+    /// The idempotency key made for a forwarded reserve, which the owner need not look up.
+    /// A payment's is looked up all the same (see `payments.create`).
     fn fresh_key(&self) -> Option<&str> {
         match self {
             Settlement::Key {
+                method: "tickets.reserve",
                 key,
                 params_hash: None,
-                ..
             } => Some(key),
             _ => None,
         }
@@ -190,6 +193,7 @@ impl Routed {
             .unwrap_or(Attempt::Unanswered);
             let attempt = match forwarded {
                 Attempt::Unanswered => Attempt::Answered(self.settle(user, &settlement).await),
+                Attempt::Unreached => Attempt::Answered(self.replay(user, &settlement).await),
                 other => other,
             };
             match attempt {
@@ -206,8 +210,34 @@ impl Routed {
                 Attempt::Local if Instant::now() < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Attempt::Local | Attempt::Unanswered => return Err(EngineError::Unavailable),
+                Attempt::Local | Attempt::Unanswered | Attempt::Unreached => {
+                    return Err(EngineError::Unavailable)
+                }
             }
+        }
+    }
+
+    /// The answer to a call no owner took (a takeover under way): with the client's key,
+    /// the result that key stored, if any, as the owner would have replayed it; else
+    /// `UNAVAILABLE` (nothing ran).
+    async fn replay(&self, user: UserId, settlement: &Settlement) -> Result<String, EngineError> {
+        let Settlement::Key {
+            method,
+            key,
+            params_hash: Some(hash),
+        } = settlement
+        else {
+            return Err(EngineError::Unavailable);
+        };
+        match self
+            .records
+            .idempotency(user, method, key, self.clock.now())
+            .await?
+        {
+            Some(stored) if stored.response.is_empty() => Err(EngineError::Unavailable),
+            Some(stored) if stored.params_hash != *hash => Err(EngineError::IdempotencyConflict),
+            Some(stored) => Ok(stored.response),
+            None => Err(EngineError::Unavailable),
         }
     }
 
@@ -304,7 +334,7 @@ impl Routed {
                                 tracing::debug!(%event, "cluster: not the owner any more; looking again");
                                 self.owners.remove(&event);
                                 if Instant::now() + RETRY_PAUSE >= deadline {
-                                    return Attempt::Answered(Err(EngineError::Unavailable));
+                                    return Attempt::Unreached;
                                 }
                                 tokio::time::sleep(RETRY_PAUSE).await;
                                 continue;
@@ -328,7 +358,7 @@ impl Routed {
                 }
             }
             if Instant::now() + RETRY_PAUSE >= deadline {
-                return Attempt::Answered(Err(EngineError::Unavailable));
+                return Attempt::Unreached;
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }

@@ -10,7 +10,7 @@
 //!
 //! A dead owner's events are served again within [`LEASE`] + [`TICK`] + the rebuild.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +32,10 @@ pub const TICK: Duration = Duration::from_secs(1);
 const _: () = assert!(TICK.as_millis() * 4 < LEASE.as_millis());
 /// The least time between two claim rounds, however often they are woken.
 const CLAIM_PAUSE: Duration = Duration::from_millis(100);
+/// The longest one takeover may take. Past it the takeover is abandoned and its lease left
+/// to lapse, so a rebuild stalled on the database never keeps an event unserved for long
+/// by renewing the lease it claimed.
+const TAKEOVER_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct Ownership {
     pub directory: Arc<Directory>,
@@ -48,7 +52,8 @@ pub struct Ownership {
     /// Redis failures in a row, to log the first and then every 30th.
     failures: AtomicU64,
     /// Events claimed here and being rebuilt: their leases are renewed with the owned ones.
-    taking_over: Mutex<HashSet<EventId>>,
+    /// `true` once a renewal found the lease lost: the event is given up after the rebuild.
+    taking_over: Mutex<HashMap<EventId, bool>>,
 }
 
 impl Ownership {
@@ -73,20 +78,32 @@ impl Ownership {
             base_url,
             claim_now,
             failures: AtomicU64::new(0),
-            taking_over: Mutex::new(HashSet::new()),
+            taking_over: Mutex::new(HashMap::new()),
         }
     }
 
     /// Runs both loops until `stop`, each as its own task: a claim round busy rebuilding
-    /// an event never delays a renewal.
+    /// an event never delays a renewal. A claim loop that fails (a bug) is started again.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let claims = tokio::spawn({
+        let keeper = tokio::spawn({
             let (this, stop) = (Arc::clone(&self), stop.clone());
-            async move { this.claim_loop(&stop).await }
+            async move { this.keep_loop(&stop).await }
         });
-        self.keep_loop(&stop).await;
-        if let Err(error) = claims.await {
-            tracing::error!(%error, "cluster: the claim loop failed");
+        while !stop.is_cancelled() {
+            let claims = tokio::spawn({
+                let (this, stop) = (Arc::clone(&self), stop.clone());
+                async move { this.claim_loop(&stop).await }
+            });
+            if let Err(error) = claims.await {
+                tracing::error!(%error, "cluster: the claim loop failed; starting it again");
+                tokio::select! {
+                    () = tokio::time::sleep(TICK) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        }
+        if let Err(error) = keeper.await {
+            tracing::error!(%error, "cluster: the lease loop failed");
         }
     }
 
@@ -121,10 +138,24 @@ impl Ownership {
         }
     }
 
-    /// One keep and one claim round, in that order (at start, before any call).
+    /// One keep and one claim round, in that order (at start, before any call). Leases
+    /// are renewed meanwhile, as in [`run`](Self::run): the events claimed may take longer
+    /// than a lease to rebuild.
     pub async fn round(&self) {
         self.keep().await;
-        self.claim().await;
+        let claimed = CancellationToken::new();
+        tokio::join!(
+            async {
+                self.claim().await;
+                claimed.cancel();
+            },
+            async {
+                tokio::select! {
+                    () = tokio::time::sleep(TICK) => self.keep_loop(&claimed).await,
+                    () = claimed.cancelled() => {}
+                }
+            },
+        );
     }
 
     /// The events owned here.
@@ -162,17 +193,20 @@ impl Ownership {
         }
         let owned = self.owned();
         let mut leased = owned.clone();
-        let rebuilding: Vec<EventId> = self.lock_taking_over().iter().copied().collect();
+        let rebuilding: Vec<EventId> = self.lock_taking_over().keys().copied().collect();
         leased.extend(rebuilding.iter().filter(|event| !owned.contains(event)));
         match self.directory.renew(&leased).await {
             Ok(held) => {
                 for (&event, still) in leased.iter().zip(held) {
                     if !owned.contains(&event) {
                         // Being taken over. A lease lost meanwhile (Redis lost it, or it
-                        // lapsed before this renewal) is noticed once the rebuild is done:
-                        // the event is owned then, and the next renewal gives it up.
+                        // lapsed before this renewal) gives the event up once the rebuild
+                        // is done; if it is done already, the next renewal does.
                         if !still {
                             tracing::warn!(%event, "cluster: lost the lease of an event being taken over");
+                            if let Some(lost) = self.lock_taking_over().get_mut(&event) {
+                                *lost = true;
+                            }
                         }
                         continue;
                     }
@@ -229,25 +263,41 @@ impl Ownership {
                 Some(node) => node == self.directory.node(),
             };
             if ours {
-                self.lock_taking_over().insert(event);
                 self.take_over(event).await;
-                self.lock_taking_over().remove(&event);
             }
         }
         self.metrics.set_owned_events(self.owned().len());
     }
 
-    fn lock_taking_over(&self) -> std::sync::MutexGuard<'_, HashSet<EventId>> {
+    fn lock_taking_over(&self) -> std::sync::MutexGuard<'_, HashMap<EventId, bool>> {
         self.taking_over
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Takes a claimed event over, its lease renewed meanwhile, within [`TAKEOVER_LIMIT`].
     async fn take_over(&self, event: EventId) {
-        match self.engine.take_over(event, self.source.as_ref()).await {
-            Ok(_) => self.metrics.record_takeover(),
+        let rebuilding = Rebuilding::start(self, event);
+        let outcome = tokio::time::timeout(
+            TAKEOVER_LIMIT,
+            self.engine.take_over(event, self.source.as_ref()),
+        )
+        .await;
+        let lost = rebuilding.finish();
+        match outcome {
+            Ok(Ok(_)) if lost => {
+                tracing::warn!(%event, "cluster: took the event over after its lease was lost; giving it up");
+                self.engine.give_up(event);
+            }
+            Ok(Ok(_)) => self.metrics.record_takeover(),
             // The lease stays ours until it lapses; the next round tries again.
-            Err(error) => tracing::error!(%event, %error, "cluster: takeover failed"),
+            Ok(Err(error)) => tracing::error!(%event, %error, "cluster: takeover failed"),
+            // Abandoned while reading the database (the rebuild itself is one step): the
+            // event is still a mirror here, and its lease lapses for any server to claim.
+            Err(_) => {
+                tracing::error!(%event, limit = ?TAKEOVER_LIMIT, "cluster: takeover took too long; abandoned");
+                self.engine.give_up(event);
+            }
         }
     }
 
@@ -267,5 +317,34 @@ impl Ownership {
                 tracing::warn!(%error, "cluster: could not give the events up; they pass on when the leases lapse")
             }
         }
+    }
+}
+
+/// An event in [`Ownership::taking_over`] for as long as this lives, even if the takeover
+/// panics or is dropped.
+struct Rebuilding<'a> {
+    ownership: &'a Ownership,
+    event: EventId,
+}
+
+impl<'a> Rebuilding<'a> {
+    fn start(ownership: &'a Ownership, event: EventId) -> Self {
+        ownership.lock_taking_over().insert(event, false);
+        Self { ownership, event }
+    }
+
+    /// Ends it; whether the lease was found lost meanwhile.
+    fn finish(self) -> bool {
+        self.ownership
+            .lock_taking_over()
+            .get(&self.event)
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Rebuilding<'_> {
+    fn drop(&mut self) {
+        self.ownership.lock_taking_over().remove(&self.event);
     }
 }

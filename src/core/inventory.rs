@@ -46,7 +46,7 @@ mod tenure;
 #[cfg(test)]
 mod tests;
 
-pub use tenure::{first_version, Holding};
+pub use tenure::{first_version, Holding, Rebuilt};
 
 /// The live state of one ticket type, as `pool.subscribe` and `pool.update` carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

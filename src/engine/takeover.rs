@@ -4,6 +4,7 @@
 //! another server has taken them. Which server owns what is decided above, by the lease.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -90,13 +91,29 @@ impl Engine {
         let epoch = source.take_over_event(event_id).await?;
         let held = source.held_of_event(event_id).await?;
         let pending = source.pending_of_event(event_id).await?;
-        self.inventory
-            .take_over(event_id, &availability(&event, &held), epoch);
-        let restored = self.restore_all(pending).await;
+        let available = availability(&event, &held);
+        // Hundreds of thousands of reservations take a while to index: off the runtime.
+        let inventory = Arc::clone(&self.inventory);
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            inventory.take_over(event_id, &available, epoch, pending)
+        })
+        .await
+        .map_err(|error| StoreError::Corrupt {
+            table: "reservations",
+            detail: format!("rebuild failed: {error}"),
+        })?
+        .ok_or_else(|| StoreError::Corrupt {
+            table: "events",
+            detail: format!("event {event_id} vanished"),
+        })?;
+        for id in &rebuilt.refused {
+            tracing::error!(reservation = %id, "pending reservation not restored: unknown ticket type, or no items");
+        }
+        self.expiry.schedule_all(&rebuilt.restored);
         if let Some(pools) = self.inventory.pools(event_id) {
             self.notifier.pools_changed(event_id, &pools);
         }
-        tracing::info!(event = %event_id, epoch, pending = restored, "took the event over");
+        tracing::info!(event = %event_id, epoch, pending = rebuilt.restored.len(), "took the event over");
         Ok(epoch)
     }
 

@@ -67,6 +67,10 @@ const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
 const RECONNECT_POLL: Duration = Duration::from_millis(50);
 /// Due keys handed from the poke timer to the queue at once.
 const POKE_BUFFER: usize = 1_024;
+/// [`Expiry::schedule_all`] sends reservations due sooner than this through the queue, a
+/// `SET` before the poke as for one; the rest by re-arm, which writes them well before
+/// their pokes could come due (a re-arm of a million keys takes seconds).
+const REARM_HORIZON: Duration = Duration::from_secs(30);
 /// How long quitting a client may take at shutdown.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -526,20 +530,28 @@ impl Expiry for RedisExpiry {
         self.pokes.schedule(id, at);
     }
 
-    /// A re-arm writes the key of every scheduled reservation in pipelines of
-    /// [`PIPELINE_MAX`], so a takeover of an event with hundreds of thousands pending never
-    /// overflows the queue, and live reserves' keys are not dropped meanwhile. A `DEL`
-    /// queued before the re-arm has already taken its reservation off the schedule; one
-    /// queued after goes out after it.
+    /// Those due within [`REARM_HORIZON`] (overdue ones included) go through the queue as
+    /// one by one, so each `SET` goes out before its poke. The rest are put on the poke
+    /// schedule and written by a re-arm, which rewrites the key of every scheduled
+    /// reservation in pipelines of [`PIPELINE_MAX`]: a takeover of an event with hundreds of
+    /// thousands pending neither overflows the queue nor crowds live reserves out of it. A
+    /// `DEL` queued before the re-arm has already taken its reservation off the schedule;
+    /// one queued after goes out after it.
     fn schedule_all(&self, due: &[(ReservationId, Timestamp)]) {
-        if due.is_empty() {
-            return;
-        }
+        let soon = self.clock.now().saturating_add(REARM_HORIZON);
+        let mut later = false;
         for &(id, at) in due {
-            self.pokes.schedule(id, at);
+            if at <= soon {
+                self.schedule(id, at);
+            } else {
+                self.pokes.schedule(id, at);
+                later = true;
+            }
         }
-        self.rearm_wanted.store(true, Ordering::SeqCst);
-        self.rearm_wake.notify_one();
+        if later {
+            self.rearm_wanted.store(true, Ordering::SeqCst);
+            self.rearm_wake.notify_one();
+        }
     }
 
     fn cancel(&self, id: ReservationId) {

@@ -37,9 +37,14 @@ pub async fn rpc(
     one_shot(&app, services, bearer, peer, &body).await
 }
 
+/// The methods one cluster server forwards to another; nothing else runs on
+/// `/cluster/rpc`.
+const FORWARDED_METHODS: [&str; 3] = ["tickets.reserve", "reservations.cancel", "payments.create"];
+
 /// `POST /cluster/rpc`: a call another server of the cluster forwarded, on behalf of the
 /// user its token (a forwarded call's, see [`crate::auth::token::FORWARD_AUDIENCE`])
-/// names, for an event it believes this server owns. It runs on this server's engine
+/// names, for an event it believes this server owns. One call, of a forwarded method, with
+/// such a token, else 401 or 404 without running anything. It runs on this server's engine
 /// only: if the event is not owned here (any more), it answers `UNAVAILABLE` with
 /// `data.not_owner: true` rather than forward again.
 pub async fn cluster_rpc(
@@ -48,8 +53,24 @@ pub async fn cluster_rpc(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let services = Arc::clone(&app.owner_services);
     let bearer = super::authenticate_forwarded(&app, &headers);
+    if !matches!(bearer, Bearer::Valid(_)) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "a forwarded call's token is needed",
+        )
+            .into_response();
+    }
+    #[derive(serde::Deserialize)]
+    struct Call {
+        method: String,
+    }
+    let forwarded = serde_json::from_slice::<Call>(&body)
+        .is_ok_and(|call| FORWARDED_METHODS.contains(&call.method.as_str()));
+    if !forwarded {
+        return (StatusCode::NOT_FOUND, "not a forwarded call").into_response();
+    }
+    let services = Arc::clone(&app.owner_services);
     one_shot(&app, services, bearer, peer, &body).await
 }
 

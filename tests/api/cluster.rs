@@ -1083,20 +1083,8 @@ async fn notifications_cross_servers(cluster: &mut Cluster) {
         .ok(Some(&token_a), "reservations.list", json!({}))
         .await;
     assert_eq!(mine, json!({"reservations": []}));
-    // The route of forwarded calls takes only the tokens servers sign for them, and those
-    // tokens are good nowhere else.
-    let forwarded_route = node_b
-        .http
-        .post(node_b.url("/cluster/rpc"))
-        .bearer_auth(&token_a)
-        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "reservations.list", "params": {}}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
-    assert_error(&forwarded_route, 1001, "UNAUTHENTICATED");
+    // The route of forwarded calls takes only the tokens servers sign for them, and only
+    // the calls servers forward; those tokens are good nowhere else.
     let forwarded_token = Tokens::new(JWT_SECRET.as_bytes(), Duration::from_secs(60))
         .issue_forwarded(
             registered["user"]["id"].as_str().unwrap().parse().unwrap(),
@@ -1105,6 +1093,28 @@ async fn notifications_cross_servers(cluster: &mut Cluster) {
             Duration::from_secs(60),
             None,
         );
+    let cancel = json!({"jsonrpc": "2.0", "id": 1, "method": "reservations.cancel",
+        "params": {"reservation_id": uuid::Uuid::new_v4().to_string()}});
+    let login = json!({"jsonrpc": "2.0", "id": 1, "method": "auth.login",
+        "params": {"email": "traveller@example.com", "password": "traveller-password"}});
+    for (token, body, status) in [
+        (None, cancel.clone(), 401),
+        (Some(&token_a), cancel.clone(), 401),
+        (Some(&forwarded_token), login.clone(), 404),
+        (Some(&forwarded_token), json!([cancel.clone()]), 404),
+        (Some(&forwarded_token), cancel.clone(), 200),
+    ] {
+        let mut request = node_b.http.post(node_b.url("/cluster/rpc")).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        if status == 200 {
+            let answer: Value = response.json().await.unwrap();
+            assert_error(&answer, 1004, "NOT_FOUND");
+        }
+    }
     let refused = node_c
         .call(Some(&forwarded_token), "reservations.list", json!({}))
         .await;
@@ -1296,11 +1306,29 @@ async fn owner_killed_under_load(cluster: &mut Cluster) {
         || async { (acknowledged.load(Ordering::SeqCst) >= 60).then_some(()) },
     )
     .await;
+    // A reserve with the client's idempotency key, through a survivor, just before the kill.
+    let mut ledger = Ledger::default();
+    let keyed = json!({
+        "items": [{"ticket_type_id": tt, "quantity": 1}],
+        "idempotency_key": "before-the-kill",
+    });
+    let other = cluster.node(survivors[1]);
+    let (first, elapsed) = other
+        .timed(&tokens[1], "tickets.reserve", keyed.clone())
+        .await;
+    ledger
+        .reserved(&first, 1, Some(elapsed), &[])
+        .expect("a keyed reserve before the kill");
     cluster.kill(owner).await;
     let killed_at = Instant::now();
 
+    // Retried at once, while no server owns the event: the key's stored result, as the
+    // owner would have replayed it, within the forwarding deadline.
+    let (again, elapsed) = other.timed(&tokens[1], "tickets.reserve", keyed).await;
+    assert_eq!(again["result"]["id"], first["result"]["id"], "{again}");
+    assert!(elapsed <= UNAVAILABLE_WITHIN + SLACK, "{elapsed:?}");
+
     // Within 10 s of the kill, a reserve through a survivor succeeds.
-    let mut ledger = Ledger::default();
     let survivor = cluster.node(survivors[0]);
     let (response, elapsed) = until_not_unavailable(
         &survivor,

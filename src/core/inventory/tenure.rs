@@ -8,9 +8,24 @@
 //! Ownership moves in whole events: [`Inventory::take_over`] replaces an event's book with
 //! one rebuilt from the database, and [`Inventory::mirror_event`] gives it up.
 
-use super::{Book, Counter, Inventory, Phase, PoolState};
+use std::collections::HashMap;
+
+use super::{Active, Book, Counter, Inventory, Phase, PoolState};
 use crate::core::catalog::Event;
 use crate::core::ids::{EventId, ReservationId};
+use crate::core::reservation::{Reservation, Status};
+use crate::core::time::Timestamp;
+
+/// What [`Inventory::take_over`] did with the pending reservations it was given.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Active now, each with when it falls due.
+    pub restored: Vec<(ReservationId, Timestamp)>,
+    /// Not of this event, of a ticket type it does not have, without items, or twice.
+    pub refused: Vec<ReservationId>,
+    /// Active here before, and not in the rebuilt book.
+    pub forgotten: Vec<ReservationId>,
+}
 
 /// How this process holds an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,11 +84,13 @@ impl Inventory {
         }
     }
 
-    /// Makes this process the event's owner in `epoch`: availability as rebuilt from the
-    /// database (`available[i]` for ticket type `i`), versions from the epoch's first, and no
-    /// active reservation yet (the caller restores the pending ones with
-    /// [`restore_pending`](Self::restore_pending)). Any reservation it had active before is
-    /// forgotten, and returned. `None` if the event is unknown.
+    /// Makes this process the event's owner in `epoch`, in one step: availability as
+    /// rebuilt from the database (`available[i]` for ticket type `i`, the `pending`
+    /// reservations' tickets already subtracted), versions from the epoch's first, and the
+    /// `pending` reservations active. The book is built aside and swapped in under the
+    /// event's lock, so no call ever finds the event owned with some of its pending
+    /// reservations missing; until then the event is what it was (a mirror refuses, and the
+    /// call goes to whoever owns it). `None` if the event is unknown.
     ///
     /// # Panics
     /// If `available` does not have one entry per ticket type.
@@ -82,10 +99,44 @@ impl Inventory {
         event_id: EventId,
         available: &[u32],
         epoch: u64,
-    ) -> Option<Vec<ReservationId>> {
+        pending: Vec<Reservation>,
+    ) -> Option<Rebuilt> {
         let state = self.event_state(event_id)?;
         assert_eq!(available.len(), state.event.ticket_types.len());
-        let forgotten = {
+        let mut rebuilt = Rebuilt::default();
+        let mut active = HashMap::with_capacity(pending.len());
+        for reservation in pending {
+            let known = reservation.event_id == event_id
+                && !reservation.items.is_empty()
+                && reservation
+                    .items
+                    .iter()
+                    .all(|item| state.positions.contains_key(&item.ticket_type_id));
+            if !known || active.contains_key(&reservation.id) {
+                rebuilt.refused.push(reservation.id);
+                continue;
+            }
+            rebuilt
+                .restored
+                .push((reservation.id, reservation.expires_at));
+            let reservation = Reservation {
+                status: Status::Pending,
+                ..reservation
+            };
+            active.insert(
+                reservation.id,
+                Box::new(Active {
+                    reservation,
+                    phase: Phase::Pending,
+                }),
+            );
+        }
+        // Indexed first: while the event is still a mirror, a call that finds one of them
+        // here is refused as not owned, as it would be without the entry.
+        for &(id, _) in &rebuilt.restored {
+            self.reservations.insert(id, event_id);
+        }
+        rebuilt.forgotten = {
             let mut book = state.lock();
             book.pools = available
                 .iter()
@@ -96,10 +147,14 @@ impl Inventory {
                 })
                 .collect();
             book.holding = Holding::Owned { epoch };
-            forget_active(&mut book)
+            let before = std::mem::replace(&mut book.active, active);
+            before
+                .into_keys()
+                .filter(|id| !book.active.contains_key(id))
+                .collect()
         };
-        self.forget_reservations(&forgotten);
-        Some(forgotten)
+        self.forget_reservations(&rebuilt.forgotten);
+        Some(rebuilt)
     }
 
     /// Gives an owned event up (another server took it over): it becomes a mirror, keeping

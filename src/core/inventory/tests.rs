@@ -1729,8 +1729,8 @@ fn an_owned_event_ignores_reports_of_other_servers() {
 fn taking_over_rebuilds_the_book_with_versions_from_the_new_epoch() {
     let (inventory, event) = mirror_with(10, first_version(1) + 5);
     let tt = ids(&event)[0];
-    let forgotten = inventory.take_over(event.id, &[6], 2).unwrap();
-    assert!(forgotten.is_empty());
+    let rebuilt = inventory.take_over(event.id, &[6], 2, Vec::new()).unwrap();
+    assert_eq!(rebuilt, Rebuilt::default());
     assert_eq!(inventory.epoch(event.id), Some(2));
     assert_eq!(
         inventory.pools(event.id).unwrap(),
@@ -1758,7 +1758,10 @@ fn giving_an_event_up_forgets_its_active_reservations_and_stops_selling() {
         Err(ReserveError::NotOwned { .. })
     ));
     // Taken over again later: what was active before is not resurrected.
-    assert_eq!(inventory.take_over(event.id, &[6], 7), Some(Vec::new()));
+    assert_eq!(
+        inventory.take_over(event.id, &[6], 7, Vec::new()),
+        Some(Rebuilt::default())
+    );
     assert_eq!(inventory.active(held.id), None);
 }
 
@@ -1769,7 +1772,7 @@ fn versions_never_go_back_across_mirroring_and_takeovers() {
     let mut seen = vec![inventory.pools(event.id).unwrap()[0].version];
     inventory.mirror_pools(event.id, &[pool(tt, 9, first_version(1) + 1)]);
     seen.push(inventory.pools(event.id).unwrap()[0].version);
-    inventory.take_over(event.id, &[9], 2);
+    inventory.take_over(event.id, &[9], 2, Vec::new());
     seen.push(inventory.pools(event.id).unwrap()[0].version);
     reserve(&inventory, UserId::new(), &[(tt, 1)]);
     seen.push(inventory.pools(event.id).unwrap()[0].version);
@@ -1777,4 +1780,27 @@ fn versions_never_go_back_across_mirroring_and_takeovers() {
     inventory.mirror_pools(event.id, &[pool(tt, 5, first_version(3) + 2)]);
     seen.push(inventory.pools(event.id).unwrap()[0].version);
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+}
+
+#[test]
+fn taking_over_swaps_the_pending_reservations_in_at_once() {
+    let (inventory, event) = inventory_with(&[(10, Rule::Any, 10)]);
+    let tt = ids(&event)[0];
+    let kept = reserve(&inventory, UserId::new(), &[(tt, 2)]);
+    let dropped = reserve(&inventory, UserId::new(), &[(tt, 3)]);
+    let stranger = Reservation {
+        id: ReservationId::new(),
+        event_id: EventId::new(),
+        ..kept.clone()
+    };
+    let rebuilt = inventory
+        .take_over(event.id, &[8], 2, vec![kept.clone(), stranger.clone()])
+        .unwrap();
+    assert_eq!(rebuilt.restored, vec![(kept.id, kept.expires_at)]);
+    assert_eq!(rebuilt.refused, vec![stranger.id]);
+    assert_eq!(rebuilt.forgotten, vec![dropped.id]);
+    assert_eq!(inventory.active(kept.id).map(|r| r.id), Some(kept.id));
+    assert_eq!(inventory.active(dropped.id), None);
+    assert_eq!(inventory.epoch(event.id), Some(2));
+    assert_eq!(inventory.pools(event.id).unwrap()[0].available, 8);
 }

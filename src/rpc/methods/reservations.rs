@@ -199,8 +199,7 @@ impl From<&Paid> for PayResult {
 }
 
 async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
-    let principal = ctx.session.principal(ctx.services.clock.now())?;
-    let user = principal.user.id;
+    let user = ctx.session.user_id(ctx.services.clock.now())?;
     let idempotency_key = key_param(params.idempotency_key)?;
     let payment_token = PaymentToken::parse(params.payment_token)
         .map_err(|why| RpcError::invalid_params("payment_token", why.to_string()))?;
@@ -212,7 +211,10 @@ async fn pay(ctx: Ctx, params: PayParams) -> Result<Value, RpcError> {
         key,
         params_hash: params_hash(&canonical),
         render: &render,
-        fresh: is_fresh(&principal, key),
+        // Always looked up: a payment charges the provider before it commits, so a late
+        // forwarded payment whose key the forwarder has since marked as used must be
+        // refused before the charge, not at the commit.
+        fresh: false,
     });
     let paid = ctx
         .services
