@@ -194,6 +194,18 @@ impl Directory {
     }
 
     /// Gives up the leases of `events` still held, and this server's address.
+    /// Deletes the leases of `events` this server holds, so another server may claim them
+    /// at once (a takeover abandoned), keeping this server's address advertised.
+    pub async fn release(&self, events: &[EventId]) -> Result<(), RedisError> {
+        let keys: Vec<String> = events.iter().map(|e| self.owner_key(*e)).collect();
+        if !keys.is_empty() {
+            let _: i64 = self
+                .timed(self.client.eval(RESIGN, keys, vec![self.node.clone()]))
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn resign(&self, events: &[EventId]) -> Result<(), RedisError> {
         let keys: Vec<String> = events.iter().map(|e| self.owner_key(*e)).collect();
         if !keys.is_empty() {

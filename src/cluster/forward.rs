@@ -19,10 +19,13 @@
 //! the client's, or one made here (`fwd-<uuid>`). So when the owner's answer does not come
 //! (it died or stalled after the request left), the database says whether the call
 //! committed: if the key is stored, the call succeeded and its stored result is the
-//! answer; if not, a key made here is marked as used (so the call, should it reach its
-//! commit late, is refused) and the answer is `UNAVAILABLE`: nothing was taken. With the
-//! client's own key the call may still commit late; the client's retry with the key then
-//! answers its result. An unanswered cancel is settled by the reservation's status.
+//! answer; if not, a reserve's key made here is marked as used (so the call, should it
+//! reach its commit late, is refused) and the answer is `UNAVAILABLE`: nothing was taken.
+//! A payment's key made here is only read: the owner may be waiting on the payment
+//! provider, and a charge must never be refused its record, so the payment may still
+//! complete after the `UNAVAILABLE`. With the client's own key the call may still commit
+//! late; the client's retry with the key then answers its result. An unanswered cancel is
+//! settled by the reservation's status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,8 +213,10 @@ impl Routed {
                 Attempt::Local if Instant::now() < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
+                // Still taking the event over here at the deadline: nothing ran, as when no
+                // owner took the call.
                 Attempt::Local | Attempt::Unanswered | Attempt::Unreached => {
-                    return Err(EngineError::Unavailable)
+                    return self.replay(user, &settlement).await.map(Answer::Rendered);
                 }
             }
         }
@@ -253,8 +258,17 @@ impl Routed {
                     _ => Err(EngineError::Unavailable),
                 };
             }
-            // Ours: marked as used now unless the call committed it, so either way the
-            // answer below stays true.
+            // A payment's own key is only read, never marked: the owner may be waiting on the
+            // payment provider, and a charge made must be recorded. An unanswered payment
+            // may so still complete after this `UNAVAILABLE` (the reservation then shows
+            // paid, and its owner hears `reservation.updated`).
+            Settlement::Key {
+                method: method @ "payments.create",
+                key,
+                params_hash: None,
+            } => self.records.idempotency(user, method, key, now).await?,
+            // A reserve's own: marked as used now unless the call committed it, so either way
+            // the answer below stays true.
             Settlement::Key {
                 method,
                 key,
@@ -327,6 +341,16 @@ impl Routed {
                     .send()
                     .await;
                 match sent {
+                    // Refused before anything ran (the token, or the call's shape).
+                    Ok(response)
+                        if matches!(
+                            response.status(),
+                            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::NOT_FOUND
+                        ) =>
+                    {
+                        tracing::error!(%event, status = %response.status(), "cluster: the owner refused a forwarded call (are the servers' secrets or clocks apart?)");
+                        return Attempt::Unreached;
+                    }
                     Ok(response) => {
                         return match response.json::<Value>().await {
                             // Nothing ran there: look the owner up again.

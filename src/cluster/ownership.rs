@@ -25,6 +25,7 @@ use crate::core::EventId;
 use crate::engine::takeover::TakeoverSource;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 
 /// How often leases are renewed and unowned events looked for: a fifth of the lease, so
 /// four renewals in a row can fail before an owner loses its events.
@@ -32,9 +33,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 const _: () = assert!(TICK.as_millis() * 4 < LEASE.as_millis());
 /// The least time between two claim rounds, however often they are woken.
 const CLAIM_PAUSE: Duration = Duration::from_millis(100);
-/// The longest one takeover may take. Past it the takeover is abandoned and its lease left
-/// to lapse, so a rebuild stalled on the database never keeps an event unserved for long
-/// by renewing the lease it claimed.
+/// The longest the database reads of one takeover may take. Past it the takeover is
+/// abandoned and its lease released, so a rebuild stalled on the database never keeps an
+/// event unserved by renewing the lease it claimed.
 const TAKEOVER_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct Ownership {
@@ -83,28 +84,20 @@ impl Ownership {
     }
 
     /// Runs both loops until `stop`, each as its own task: a claim round busy rebuilding
-    /// an event never delays a renewal. A claim loop that fails (a bug) is started again.
+    /// an event never delays a renewal. A loop that fails (a bug) is started again.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let keeper = tokio::spawn({
-            let (this, stop) = (Arc::clone(&self), stop.clone());
-            async move { this.keep_loop(&stop).await }
-        });
-        while !stop.is_cancelled() {
-            let claims = tokio::spawn({
-                let (this, stop) = (Arc::clone(&self), stop.clone());
+        let keeper = Arc::clone(&self);
+        let claimer = Arc::clone(&self);
+        tokio::join!(
+            supervise("lease", &stop, move |stop| {
+                let this = Arc::clone(&keeper);
+                async move { this.keep_loop(&stop).await }
+            }),
+            supervise("claim", &stop, move |stop| {
+                let this = Arc::clone(&claimer);
                 async move { this.claim_loop(&stop).await }
-            });
-            if let Err(error) = claims.await {
-                tracing::error!(%error, "cluster: the claim loop failed; starting it again");
-                tokio::select! {
-                    () = tokio::time::sleep(TICK) => {}
-                    () = stop.cancelled() => {}
-                }
-            }
-        }
-        if let Err(error) = keeper.await {
-            tracing::error!(%error, "cluster: the lease loop failed");
-        }
+            }),
+        );
     }
 
     async fn keep_loop(&self, stop: &CancellationToken) {
@@ -275,29 +268,31 @@ impl Ownership {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Takes a claimed event over, its lease renewed meanwhile, within [`TAKEOVER_LIMIT`].
+    /// Takes a claimed event over, its lease renewed meanwhile, its reads within
+    /// [`TAKEOVER_LIMIT`].
     async fn take_over(&self, event: EventId) {
         let rebuilding = Rebuilding::start(self, event);
-        let outcome = tokio::time::timeout(
-            TAKEOVER_LIMIT,
-            self.engine.take_over(event, self.source.as_ref()),
-        )
-        .await;
+        let outcome = self
+            .engine
+            .take_over(event, self.source.as_ref(), TAKEOVER_LIMIT)
+            .await;
         let lost = rebuilding.finish();
         match outcome {
-            Ok(Ok(_)) if lost => {
+            Ok(_) if lost => {
                 tracing::warn!(%event, "cluster: took the event over after its lease was lost; giving it up");
                 self.engine.give_up(event);
             }
-            Ok(Ok(_)) => self.metrics.record_takeover(),
-            // The lease stays ours until it lapses; the next round tries again.
-            Ok(Err(error)) => tracing::error!(%event, %error, "cluster: takeover failed"),
-            // Abandoned while reading the database (the rebuild itself is one step): the
-            // event is still a mirror here, and its lease lapses for any server to claim.
-            Err(_) => {
-                tracing::error!(%event, limit = ?TAKEOVER_LIMIT, "cluster: takeover took too long; abandoned");
-                self.engine.give_up(event);
+            Ok(_) => self.metrics.record_takeover(),
+            // Stalled on the database: the event is still a mirror here; its lease goes now,
+            // for any server to claim.
+            Err(StoreError::TimedOut(what)) => {
+                tracing::error!(%event, limit = ?TAKEOVER_LIMIT, "cluster: takeover abandoned: {what} took too long");
+                if let Err(error) = self.directory.release(&[event]).await {
+                    self.redis_failed("releasing a lease", &error);
+                }
             }
+            // The lease stays ours until it lapses; the next round tries again.
+            Err(error) => tracing::error!(%event, %error, "cluster: takeover failed"),
         }
     }
 
@@ -315,6 +310,24 @@ impl Ownership {
             ),
             Err(error) => {
                 tracing::warn!(%error, "cluster: could not give the events up; they pass on when the leases lapse")
+            }
+        }
+    }
+}
+
+/// Runs the loop `start` makes as a task until `stop`, starting it again (after a pause)
+/// if it panics.
+async fn supervise<F, Fut>(name: &str, stop: &CancellationToken, start: F)
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while !stop.is_cancelled() {
+        if let Err(error) = tokio::spawn(start(stop.clone())).await {
+            tracing::error!(%error, "cluster: the {name} loop failed; starting it again");
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = stop.cancelled() => {}
             }
         }
     }

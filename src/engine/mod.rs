@@ -243,9 +243,9 @@ impl Engine {
             None
         };
         let committed = self.writer.commit(change, record, fence).await;
-        if committed == Err(WriteError::Fenced) {
-            tracing::warn!(event = %event_id, "a commit was fenced off: another server has taken the event over");
-            self.give_up(event_id);
+        if let (Err(WriteError::Fenced), Some(fence)) = (&committed, fence) {
+            tracing::warn!(event = %event_id, epoch = fence.epoch, "a commit was fenced off: another server has taken the event over");
+            self.give_up_epoch(event_id, fence.epoch);
         }
         committed
     }

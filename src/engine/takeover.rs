@@ -77,10 +77,15 @@ impl Engine {
     /// Makes this server the event's owner: bumps its epoch (from then on the previous
     /// owner cannot commit to it), rebuilds its availability from what is committed, and
     /// puts its pending reservations back under expiry. Returns the new epoch.
+    ///
+    /// The database reads must be done `within` (else `TimedOut`, the event still a mirror
+    /// here); the rebuild after them is bounded work and always completes once begun, so an
+    /// abandoned takeover never leaves a half-built or late-built event behind.
     pub async fn take_over(
         &self,
         event_id: EventId,
         source: &dyn TakeoverSource,
+        within: std::time::Duration,
     ) -> Result<u64, StoreError> {
         let Some((event, _)) = self.inventory.event(event_id) else {
             return Err(StoreError::Corrupt {
@@ -88,9 +93,15 @@ impl Engine {
                 detail: format!("take over of unknown event {event_id}"),
             });
         };
-        let epoch = source.take_over_event(event_id).await?;
-        let held = source.held_of_event(event_id).await?;
-        let pending = source.pending_of_event(event_id).await?;
+        let reads = async {
+            let epoch = source.take_over_event(event_id).await?;
+            let held = source.held_of_event(event_id).await?;
+            let pending = source.pending_of_event(event_id).await?;
+            Ok::<_, StoreError>((epoch, held, pending))
+        };
+        let (epoch, held, pending) = tokio::time::timeout(within, reads)
+            .await
+            .map_err(|_| StoreError::TimedOut("reading the event to take it over"))??;
         let available = availability(&event, &held);
         // Hundreds of thousands of reservations take a while to index: off the runtime.
         let inventory = Arc::clone(&self.inventory);
@@ -122,6 +133,14 @@ impl Engine {
     pub fn give_up(&self, event_id: EventId) {
         if let Some(forgotten) = self.inventory.mirror_event(event_id) {
             tracing::info!(event = %event_id, active = forgotten.len(), "gave the event up to another server");
+        }
+    }
+
+    /// Gives the event up if it is still owned in `epoch`: a commit fenced off in an
+    /// earlier epoch says nothing about a takeover made since.
+    pub(super) fn give_up_epoch(&self, event_id: EventId, epoch: u64) {
+        if self.inventory.epoch(event_id) == Some(epoch) {
+            self.give_up(event_id);
         }
     }
 }

@@ -1205,7 +1205,7 @@ mod in_a_cluster {
 
         assert_eq!(
             s.engine
-                .take_over(s.event_id, s.database.as_ref())
+                .take_over(s.event_id, s.database.as_ref(), TTL)
                 .await
                 .unwrap(),
             1
@@ -1257,11 +1257,31 @@ mod in_a_cluster {
         );
     }
 
+    /// A commit fenced off in an epoch the event has since left (this server took it over
+    /// again meanwhile) does not give the newer takeover up.
+    #[tokio::test]
+    async fn a_fenced_commit_gives_up_only_the_epoch_it_was_fenced_in() {
+        let s = setup_with(10, true);
+        s.engine
+            .take_over(s.event_id, s.database.as_ref(), TTL)
+            .await
+            .unwrap();
+        s.engine
+            .take_over(s.event_id, s.database.as_ref(), TTL)
+            .await
+            .unwrap();
+        assert_eq!(s.inventory.epoch(s.event_id), Some(2));
+        s.engine.give_up_epoch(s.event_id, 1);
+        assert_eq!(s.inventory.epoch(s.event_id), Some(2));
+        s.engine.give_up_epoch(s.event_id, 2);
+        assert_eq!(s.inventory.holding(s.event_id), Some(Holding::Mirror));
+    }
+
     #[tokio::test]
     async fn a_takeover_rebuilds_availability_and_puts_pending_reservations_under_expiry() {
         let s = setup_with(10, true);
         s.engine
-            .take_over(s.event_id, s.database.as_ref())
+            .take_over(s.event_id, s.database.as_ref(), TTL)
             .await
             .unwrap();
         let user = UserId::new();
@@ -1271,7 +1291,7 @@ mod in_a_cluster {
 
         assert_eq!(
             s.engine
-                .take_over(s.event_id, s.database.as_ref())
+                .take_over(s.event_id, s.database.as_ref(), TTL)
                 .await
                 .unwrap(),
             2
@@ -1293,7 +1313,7 @@ mod in_a_cluster {
     async fn a_payment_begun_before_the_event_was_given_up_and_taken_back_is_not_committed() {
         let s = setup_with(10, true);
         s.engine
-            .take_over(s.event_id, s.database.as_ref())
+            .take_over(s.event_id, s.database.as_ref(), TTL)
             .await
             .unwrap();
         let user = UserId::new();
@@ -1306,7 +1326,7 @@ mod in_a_cluster {
         // While the provider is asked, the lease lapses and the event is taken back.
         s.engine.give_up(s.event_id);
         s.engine
-            .take_over(s.event_id, s.database.as_ref())
+            .take_over(s.event_id, s.database.as_ref(), TTL)
             .await
             .unwrap();
         s.payments.answer.notify_one();

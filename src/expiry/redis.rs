@@ -67,9 +67,10 @@ const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
 const RECONNECT_POLL: Duration = Duration::from_millis(50);
 /// Due keys handed from the poke timer to the queue at once.
 const POKE_BUFFER: usize = 1_024;
-/// [`Expiry::schedule_all`] sends reservations due sooner than this through the queue, a
-/// `SET` before the poke as for one; the rest by re-arm, which writes them well before
-/// their pokes could come due (a re-arm of a million keys takes seconds).
+/// [`Expiry::schedule_all`] hands reservations due sooner than this to the re-arm to be
+/// poked only once their `SET` has gone out; the rest go straight on the poke schedule, as
+/// the re-arm writes them well before their pokes could come due (it writes a million keys
+/// in seconds).
 const REARM_HORIZON: Duration = Duration::from_secs(30);
 /// How long quitting a client may take at shutdown.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -114,6 +115,9 @@ pub struct RedisExpiry {
     /// the bounded queue. Woken by `rearm_wake`.
     rearm_wanted: AtomicBool,
     rearm_wake: tokio::sync::Notify,
+    /// Scheduled all at once and due within [`REARM_HORIZON`]: written by the next re-arm,
+    /// and put on the poke schedule after it.
+    due_soon: std::sync::Mutex<Vec<(ReservationId, Timestamp)>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -146,6 +150,7 @@ impl RedisExpiry {
             outage: AtomicBool::new(false),
             rearm_wanted: AtomicBool::new(false),
             rearm_wake: tokio::sync::Notify::new(),
+            due_soon: std::sync::Mutex::new(Vec::new()),
             pokes: TimerExpiry::new(Arc::clone(&clock)),
             clock,
         });
@@ -172,6 +177,12 @@ impl RedisExpiry {
             quit(&self.subscriber, subscriber_task),
             quit(&self.commands, commands_task),
         );
+    }
+
+    fn lock_due_soon(&self) -> std::sync::MutexGuard<'_, Vec<(ReservationId, Timestamp)>> {
+        self.due_soon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn key(&self, id: ReservationId) -> String {
@@ -277,10 +288,12 @@ impl RedisExpiry {
     /// meanwhile: tried again before the next commands.
     async fn rearm(&self, due_meanwhile: &mut Vec<ReservationId>) -> bool {
         let now = self.clock.now();
+        let due_soon = std::mem::take(&mut *self.lock_due_soon());
         let mut commands: Vec<KeyCommand> = self
             .pokes
             .scheduled()
             .into_iter()
+            .chain(due_soon.iter().copied())
             .map(|(id, at)| KeyCommand::Set { id, at })
             .collect();
         commands.extend(
@@ -294,8 +307,13 @@ impl RedisExpiry {
         );
         for chunk in commands.chunks(PIPELINE_MAX) {
             if !self.send(chunk).await {
+                // Written again by the next re-arm.
+                self.lock_due_soon().extend(due_soon);
                 return false;
             }
+        }
+        for (id, at) in due_soon {
+            self.pokes.schedule(id, at);
         }
         // Poked through the queue, so after the SETs just sent.
         for id in due_meanwhile.drain(..) {
@@ -530,28 +548,32 @@ impl Expiry for RedisExpiry {
         self.pokes.schedule(id, at);
     }
 
-    /// Those due within [`REARM_HORIZON`] (overdue ones included) go through the queue as
-    /// one by one, so each `SET` goes out before its poke. The rest are put on the poke
-    /// schedule and written by a re-arm, which rewrites the key of every scheduled
-    /// reservation in pipelines of [`PIPELINE_MAX`]: a takeover of an event with hundreds of
-    /// thousands pending neither overflows the queue nor crowds live reserves out of it. A
-    /// `DEL` queued before the re-arm has already taken its reservation off the schedule;
-    /// one queued after goes out after it.
+    /// All of them are written by a re-arm, which rewrites the key of every scheduled
+    /// reservation in pipelines of [`PIPELINE_MAX`]: a takeover of an event with hundreds
+    /// of thousands pending (or a start after downtime, with many overdue) neither overflows
+    /// the queue nor crowds live reserves out of it. Those due within [`REARM_HORIZON`]
+    /// (overdue ones included) are put on the poke schedule only after the re-arm has
+    /// written their keys, so no poke finds a key not yet written; the rest go on it now. A
+    /// `DEL` queued before the re-arm has already taken a scheduled reservation off the
+    /// schedule; one queued after goes out after it (a reservation paid before its re-arm
+    /// costs at most a no-op expiry).
     fn schedule_all(&self, due: &[(ReservationId, Timestamp)]) {
+        if due.is_empty() {
+            return;
+        }
         let soon = self.clock.now().saturating_add(REARM_HORIZON);
-        let mut later = false;
-        for &(id, at) in due {
-            if at <= soon {
-                self.schedule(id, at);
-            } else {
-                self.pokes.schedule(id, at);
-                later = true;
+        {
+            let mut due_soon = self.lock_due_soon();
+            for &(id, at) in due {
+                if at <= soon {
+                    due_soon.push((id, at));
+                } else {
+                    self.pokes.schedule(id, at);
+                }
             }
         }
-        if later {
-            self.rearm_wanted.store(true, Ordering::SeqCst);
-            self.rearm_wake.notify_one();
-        }
+        self.rearm_wanted.store(true, Ordering::SeqCst);
+        self.rearm_wake.notify_one();
     }
 
     fn cancel(&self, id: ReservationId) {

@@ -51,6 +51,9 @@ pub enum StoreError {
     /// Another server has taken the event over since this one's epoch (cluster mode).
     #[error("event {0} was taken over by another server")]
     Fenced(crate::core::EventId),
+    /// The database did not answer within the time allowed for this work.
+    #[error("{0} took too long")]
+    TimedOut(&'static str),
 }
 
 impl StoreError {

@@ -466,7 +466,9 @@ fn refused_a_row(error: &StoreError) -> bool {
         StoreError::Database(sqlx::Error::Database(db)) => {
             !matches!(db.kind(), sqlx::error::ErrorKind::Other)
         }
-        StoreError::Database(_) | StoreError::OutcomeUnknown { .. } => false,
+        StoreError::Database(_) | StoreError::OutcomeUnknown { .. } | StoreError::TimedOut(_) => {
+            false
+        }
     }
 }
 
