@@ -46,6 +46,7 @@
 #   JSONL            also keep every phase's JSON line in this file
 #   NO_BUILD=1       use target/release as it is (no cargo build)
 #   RUST_LOG         the server's log filter (default warn)
+#   WRITER_CONNECTIONS  the server's writer connections (`--writer-connections`, default 1)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -87,20 +88,7 @@ log() { echo "bench: $*" >&2; }
 # shellcheck source=loadtest/lib.sh
 source loadtest/lib.sh
 
-case "$PGHOST" in
-127.* | localhost | ::1) ;;
-*)
-	log "PGHOST=$PGHOST is not a loopback address"
-	exit 2
-	;;
-esac
-case "$REDIS_URL" in
-redis://127.* | redis://localhost* | redis://\[::1\]*) ;;
-*)
-	log "REDIS_URL=$REDIS_URL is not a loopback address"
-	exit 2
-	;;
-esac
+require_loopback_services
 # The servers get their database and Redis from the flags below only, never from the
 # caller's environment (which could point them at a database that is not loopback, or not ours).
 unset DATABASE_URL "${!TICKET_API_@}"
@@ -259,7 +247,7 @@ start_server() {
 	RUST_LOG=${RUST_LOG:-warn} "$SERVER" serve --listen "127.0.0.1:$PORT" "${common[@]}" \
 		--rate-limit 1000000 --rate-burst 1000000 --max-connections 10000 \
 		--auth-rate-limit 1000000 --auth-rate-burst 1000000 --max-connections-per-address 1000000 \
-		--reservation-ttl 1h \
+		--reservation-ttl 1h --writer-connections "${WRITER_CONNECTIONS:-1}" \
 		>"$DATA_DIR/server.log" 2>&1 &
 	SERVER_PID=$!
 	SERVER_BACKEND=$backend

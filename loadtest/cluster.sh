@@ -83,20 +83,7 @@ log() { echo "cluster: $*" >&2; }
 # shellcheck source=loadtest/lib.sh
 source loadtest/lib.sh
 
-case "$PGHOST" in
-127.* | localhost | ::1) ;;
-*)
-	log "PGHOST=$PGHOST is not a loopback address"
-	exit 2
-	;;
-esac
-case "$REDIS_URL" in
-redis://127.* | redis://localhost* | redis://\[::1\]*) ;;
-*)
-	log "REDIS_URL=$REDIS_URL is not a loopback address"
-	exit 2
-	;;
-esac
+require_loopback_services
 # The servers get their settings from the flags below only, never from the caller's
 # environment (which could point them at a database that is not loopback, or not ours).
 unset DATABASE_URL "${!TICKET_API_@}"

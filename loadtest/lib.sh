@@ -27,3 +27,21 @@ random_port() {
 		shuf -i 20000-60999 -n 1
 	fi
 }
+
+# Exits 2 unless PGHOST and REDIS_URL name loopback addresses: load goes nowhere else.
+require_loopback_services() {
+	case "$PGHOST" in
+	127.* | localhost | ::1) ;;
+	*)
+		log "PGHOST=$PGHOST is not a loopback address"
+		exit 2
+		;;
+	esac
+	case "$REDIS_URL" in
+	redis://127.* | redis://localhost* | redis://\[::1\]*) ;;
+	*)
+		log "REDIS_URL=$REDIS_URL is not a loopback address"
+		exit 2
+		;;
+	esac
+}

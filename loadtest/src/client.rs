@@ -148,6 +148,20 @@ pub fn check_source_addresses(count: u32, targets: &[&Target]) -> Result<(), Str
     Ok(())
 }
 
+/// A TCP socket of `addr`'s family, bound to `source` (any port), not yet connected.
+fn bound_socket(addr: SocketAddr, source: IpAddr) -> Result<TcpSocket, String> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    Ok(socket)
+}
+
 /// Opens a WebSocket at `url` (a [`Target::ws`] URL of `target`), bound first to `source`
 /// when given (see [`source_address`]), Nagle off.
 pub async fn connect_ws_from(
@@ -162,16 +176,7 @@ pub async fn connect_ws_from(
             .map(WsRpc::into_stream);
     };
     let addr = target.socket_addr();
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| format!("socket: {e}"))?;
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .map_err(|e| format!("bind {source}: {e}"))?;
-    let stream = socket
+    let stream = bound_socket(addr, source)?
         .connect(addr)
         .await
         .map_err(|e| format!("connect {addr} from {source}: {e}"))?;
@@ -399,16 +404,7 @@ pub async fn pending_long_poll(
         None => TcpStream::connect(&authority).await,
         Some(source) => {
             let addr = target.socket_addr();
-            let socket = if addr.is_ipv4() {
-                TcpSocket::new_v4()
-            } else {
-                TcpSocket::new_v6()
-            }
-            .map_err(|e| format!("socket: {e}"))?;
-            socket
-                .bind(SocketAddr::new(source, 0))
-                .map_err(|e| format!("bind {source}: {e}"))?;
-            socket.connect(addr).await
+            bound_socket(addr, source)?.connect(addr).await
         }
     }
     .map_err(|e| format!("connect {authority}: {e}"))?;
