@@ -182,24 +182,6 @@ cpu_flags() {
 	printf '%s\n' "${flags[@]}"
 }
 
-# Runs one load generator command; keeps its JSON line, shows the rest, records a failure.
-run_phase() {
-	local name=$1
-	shift
-	echo
-	echo "-- $name --"
-	local output code
-	set +e
-	output=$("$@")
-	code=$?
-	set -e
-	printf '%s\n' "$output" | grep -v '^{' || true
-	printf '%s\n' "$output" | grep '^{' | tail -n 1 >>"$JSON_OUT" || true
-	if [[ $code -ne 0 ]]; then
-		log "$name failed (exit $code)"
-		STATUS=1
-	fi
-}
 
 # The rate a phase reached, from its JSON line.
 phase_rate() {

@@ -290,25 +290,6 @@ owner_slot() {
 
 note() { jq -cn --arg n "$*" '{note: $n}' >>"$JSON_OUT"; }
 
-# run_phase NAME COMMAND…: runs one load generator command; keeps its JSON line, shows the
-# rest, records a failure (the run goes on).
-run_phase() {
-	local name=$1
-	shift
-	echo
-	echo "-- $name --"
-	local output code
-	set +e
-	output=$("$@")
-	code=$?
-	set -e
-	printf '%s\n' "$output" | grep -v '^{' || true
-	printf '%s\n' "$output" | grep '^{' | tail -n 1 >>"$JSON_OUT" || true
-	if [[ $code -ne 0 ]]; then
-		log "$name failed (exit $code)"
-		STATUS=1
-	fi
-}
 
 # The postmaster, for PostgreSQL's CPU time in the forwarding windows.
 POSTMASTER_PID=

@@ -1,5 +1,5 @@
 # Shell functions shared by the load-test scripts. Source it after defining `log`; the
-# functions use the caller's `SERVER_PID`.
+# functions use the caller's `SERVER_PID`, `JSON_OUT` and `STATUS`.
 
 # Stops the server started by the script: SIGTERM, then SIGKILL after 10 s.
 stop_server() {
@@ -44,4 +44,24 @@ require_loopback_services() {
 		exit 2
 		;;
 	esac
+}
+
+# run_phase NAME COMMAND…: runs one load generator command; keeps its JSON line (appended to
+# JSON_OUT), shows the rest, and records a failure in STATUS (the run goes on).
+run_phase() {
+	local name=$1
+	shift
+	echo
+	echo "-- $name --"
+	local output code
+	set +e
+	output=$("$@")
+	code=$?
+	set -e
+	printf '%s\n' "$output" | grep -v '^{' || true
+	printf '%s\n' "$output" | grep '^{' | tail -n 1 >>"$JSON_OUT" || true
+	if [[ $code -ne 0 ]]; then
+		log "$name failed (exit $code)"
+		STATUS=1
+	fi
 }

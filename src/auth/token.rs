@@ -22,6 +22,20 @@ pub struct Claims {
     pub key: Option<String>,
 }
 
+impl Claims {
+    /// A client's token: for `user_id` as `role`, from `now` for `ttl`.
+    fn new(user_id: UserId, role: Role, now: Timestamp, ttl: Duration) -> Self {
+        Self {
+            sub: user_id.to_string(),
+            role: role.as_str().to_owned(),
+            iat: now.as_millis() / 1000,
+            exp: now.saturating_add(ttl).as_millis() / 1000,
+            aud: None,
+            key: None,
+        }
+    }
+}
+
 /// The audience of a forwarded call's token. Such a token is accepted by `/cluster/rpc`
 /// alone, and there without reading the user from the database: the forwarding server
 /// has just checked the client's own token. A client's token (no audience) is refused
@@ -84,15 +98,7 @@ impl Tokens {
         now: Timestamp,
         ttl: Duration,
     ) -> (String, Timestamp) {
-        let expires_at = now.saturating_add(ttl);
-        self.sign(&Claims {
-            sub: user_id.to_string(),
-            role: role.as_str().to_owned(),
-            iat: now.as_millis() / 1000,
-            exp: expires_at.as_millis() / 1000,
-            aud: None,
-            key: None,
-        })
+        self.sign(&Claims::new(user_id, role, now, ttl))
     }
 
     /// The token of a call forwarded to another cluster server, valid from `now` for `ttl`;
@@ -106,14 +112,10 @@ impl Tokens {
         ttl: Duration,
         fresh_key: Option<&str>,
     ) -> String {
-        let expires_at = now.saturating_add(ttl);
         let claims = Claims {
-            sub: user_id.to_string(),
-            role: role.as_str().to_owned(),
-            iat: now.as_millis() / 1000,
-            exp: expires_at.as_millis() / 1000,
             aud: Some(FORWARD_AUDIENCE.to_owned()),
             key: fresh_key.map(str::to_owned),
+            ..Claims::new(user_id, role, now, ttl)
         };
         self.sign(&claims).0
     }

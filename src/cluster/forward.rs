@@ -44,6 +44,7 @@ use crate::engine::ports::Records;
 use crate::engine::{Engine, EngineError, Paid, ReservationService};
 use crate::metrics::Metrics;
 use crate::shapes::ReservationJson;
+use crate::store::StoredIdempotency;
 
 /// How long a call may spend reaching the owner: within PROTOCOL §10's 5 s.
 pub const DEADLINE: Duration = Duration::from_secs(4);
@@ -234,22 +235,17 @@ impl Routed {
         else {
             return Err(EngineError::Unavailable);
         };
-        match self
+        let stored = self
             .records
             .idempotency(user, method, key, self.clock.now())
-            .await?
-        {
-            Some(stored) if stored.response.is_empty() => Err(EngineError::Unavailable),
-            Some(stored) if stored.params_hash != *hash => Err(EngineError::IdempotencyConflict),
-            Some(stored) => Ok(stored.response),
-            None => Err(EngineError::Unavailable),
-        }
+            .await?;
+        stored_answer(stored, Some(hash))
     }
 
     /// The outcome of a forward that got no answer, from the database.
     async fn settle(&self, user: UserId, settlement: &Settlement) -> Result<String, EngineError> {
         let now = self.clock.now();
-        let stored = match settlement {
+        let (stored, hash) = match settlement {
             Settlement::Cancel(id) => {
                 return match self.engine.get(user, *id).await {
                     Ok(reservation) if reservation.status == Status::Cancelled => {
@@ -266,40 +262,40 @@ impl Routed {
                 method: method @ "payments.create",
                 key,
                 params_hash: None,
-            } => self.records.idempotency(user, method, key, now).await?,
+            } => (
+                self.records.idempotency(user, method, key, now).await?,
+                None,
+            ),
             // A reserve's own: marked as used now unless the call committed it, so either way
             // the answer below stays true.
             Settlement::Key {
                 method,
                 key,
                 params_hash: None,
-            } => {
+            } => (
                 self.records
                     .claim_idempotency_key(user, method, key, now)
-                    .await?
-            }
+                    .await?,
+                None,
+            ),
             // The client's: a call still in flight may commit it later, and the client's
             // retry with it then gets that result.
-            Settlement::Key { method, key, .. } => {
-                self.records.idempotency(user, method, key, now).await?
-            }
+            Settlement::Key {
+                method,
+                key,
+                params_hash: Some(hash),
+            } => (
+                self.records.idempotency(user, method, key, now).await?,
+                Some(hash),
+            ),
         };
-        match (stored, settlement) {
-            (
-                Some(stored),
-                Settlement::Key {
-                    params_hash: Some(hash),
-                    ..
-                },
-            ) if stored.params_hash != *hash => Err(EngineError::IdempotencyConflict),
-            (Some(stored), _) if !stored.response.is_empty() => {
-                tracing::info!(
-                    "cluster: an unanswered forward had committed; answering its stored result"
-                );
-                Ok(stored.response)
-            }
-            _ => Err(EngineError::Unavailable),
+        let answer = stored_answer(stored, hash);
+        if answer.is_ok() {
+            tracing::info!(
+                "cluster: an unanswered forward had committed; answering its stored result"
+            );
         }
+        answer
     }
 
     /// Sends the call to the event's owner and waits for its answer, until `deadline`.
@@ -386,6 +382,22 @@ impl Routed {
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+}
+
+/// What a stored idempotency key answers for a call that carries it: its stored result; a
+/// conflict if it is the client's key (`params_hash`) stored with other params;
+/// `UNAVAILABLE` if nothing was stored, or only a settlement's mark (no result).
+fn stored_answer(
+    stored: Option<StoredIdempotency>,
+    params_hash: Option<&String>,
+) -> Result<String, EngineError> {
+    match stored {
+        Some(stored) if params_hash.is_some_and(|hash| stored.params_hash != *hash) => {
+            Err(EngineError::IdempotencyConflict)
+        }
+        Some(stored) if !stored.response.is_empty() => Ok(stored.response),
+        _ => Err(EngineError::Unavailable),
     }
 }
 

@@ -146,6 +146,17 @@ struct Active {
 }
 
 impl Active {
+    /// A pending reservation loaded from storage, tracked again.
+    fn restored(reservation: Reservation) -> Box<Self> {
+        Box::new(Self {
+            reservation: Reservation {
+                status: Status::Pending,
+                ..reservation
+            },
+            phase: Phase::Pending,
+        })
+    }
+
     /// Only a pending reservation may change. One whose expiry is being committed has, for
     /// its owner, already expired.
     fn check_pending(&self) -> Result<(), ChangeError> {
@@ -188,6 +199,16 @@ struct EventState {
 }
 
 impl EventState {
+    /// Whether a reservation loaded from storage can be tracked in this event: it has
+    /// items, all of this event's ticket types.
+    fn can_track(&self, reservation: &Reservation) -> bool {
+        !reservation.items.is_empty()
+            && reservation
+                .items
+                .iter()
+                .all(|item| self.positions.contains_key(&item.ticket_type_id))
+    }
+
     /// Every mutation checks everything before it changes anything, so a panic inside a
     /// critical section cannot leave the book half-changed: a poisoned lock is safe to reuse.
     fn lock(&self) -> MutexGuard<'_, Book> {
@@ -365,11 +386,7 @@ impl Inventory {
         let Some(state) = self.event_state(reservation.event_id) else {
             return false;
         };
-        let known = reservation
-            .items
-            .iter()
-            .all(|item| state.positions.contains_key(&item.ticket_type_id));
-        if !known || reservation.items.is_empty() {
+        if !state.can_track(&reservation) {
             return false;
         }
         let (id, event_id) = (reservation.id, reservation.event_id);
@@ -378,17 +395,7 @@ impl Inventory {
             if book.active.contains_key(&id) {
                 return false;
             }
-            let reservation = Reservation {
-                status: Status::Pending,
-                ..reservation
-            };
-            book.active.insert(
-                id,
-                Box::new(Active {
-                    reservation,
-                    phase: Phase::Pending,
-                }),
-            );
+            book.active.insert(id, Active::restored(reservation));
         }
         self.reservations.insert(id, event_id);
         true

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use super::{Active, Book, Counter, Inventory, Phase, PoolState};
 use crate::core::catalog::Event;
 use crate::core::ids::{EventId, ReservationId};
-use crate::core::reservation::{Reservation, Status};
+use crate::core::reservation::Reservation;
 use crate::core::time::Timestamp;
 
 /// What [`Inventory::take_over`] did with the pending reservations it was given.
@@ -106,12 +106,7 @@ impl Inventory {
         let mut rebuilt = Rebuilt::default();
         let mut active = HashMap::with_capacity(pending.len());
         for reservation in pending {
-            let known = reservation.event_id == event_id
-                && !reservation.items.is_empty()
-                && reservation
-                    .items
-                    .iter()
-                    .all(|item| state.positions.contains_key(&item.ticket_type_id));
+            let known = reservation.event_id == event_id && state.can_track(&reservation);
             if !known || active.contains_key(&reservation.id) {
                 rebuilt.refused.push(reservation.id);
                 continue;
@@ -119,17 +114,7 @@ impl Inventory {
             rebuilt
                 .restored
                 .push((reservation.id, reservation.expires_at));
-            let reservation = Reservation {
-                status: Status::Pending,
-                ..reservation
-            };
-            active.insert(
-                reservation.id,
-                Box::new(Active {
-                    reservation,
-                    phase: Phase::Pending,
-                }),
-            );
+            active.insert(reservation.id, Active::restored(reservation));
         }
         // Indexed first: while the event is still a mirror, a call that finds one of them
         // here is refused as not owned, as it would be without the entry.
